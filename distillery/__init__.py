@@ -1,0 +1,1 @@
+"""Distillery: knowledge distillation during LLM pretraining (PyTorch + DeepSpeed)."""

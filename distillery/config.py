@@ -1,0 +1,157 @@
+"""One typed config for a run: defaults here, presets in configs/*.yaml, then `key=value` overrides.
+
+Unknown keys are an error (with the closest known key); values are parsed as YAML and checked against the field
+type, so `alpha=0.4`, `eval_sets=[heldout,ood_english]` and `teacher=runs/t/export` all work from the command line.
+The resolved config is written as config.yaml into every run directory and into every checkpoint.
+"""
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Config:
+    # --- run
+    name: str = "default"              # run directory: {out_dir}/{name}
+    out_dir: str = "runs"
+    seed: int = 43                     # paper: teachers 42, students and baselines 43
+    # --- data (data_prep output; see docs/data.md)
+    data: str = "data/offline"
+    eval_sets: list = field(default_factory=lambda: ["heldout", "ood_english", "ood_c"])
+    # --- models
+    student: str = "tiny-student"      # preset name (distillery/models.py) ...
+    student_init: str = ""             # ... or start from a Hugging Face directory (continued pretraining)
+    teacher: str = ""                  # Hugging Face-format directory (safetensors); unused when alpha never > 0
+    teacher_offload: bool = False      # ZeRO-3 offload_param of the teacher to CPU memory
+    trust_remote_code: bool = False    # only for teachers that need custom modelling code
+    attn_impl: str = "auto"            # auto: flash_attention_2 when installed on GPU, else sdpa
+    grad_ckpt: bool = False            # activation checkpointing of the student (paper: full recompute)
+    # --- loss (paper_setup.md, 'Loss')
+    alpha: float = 0.5
+    temperature: float = 1.0
+    divergence: str = "forward_kl"
+    divergence_args: dict = field(default_factory=dict)
+    mix: str = "standard"
+    alpha_schedule: str = "constant"
+    alpha_start: float = 0.0
+    alpha_end: float = 0.0
+    alpha_warmup_frac: float = 0.0
+    alpha_decay_frac: float = 0.2
+    loss_impl: str = "fused"           # fused (chunked, distillery/fused_kd.py) or plain (reference)
+    loss_chunk_size: int = 1024        # rows of [tokens x vocab] per chunk in the fused head
+    # --- batch and length
+    seq_len: int = 0                   # 0: the data set's row length
+    micro_batch_size: int = 8          # rows per rank per forward
+    global_batch_size: int = 16        # rows per optimizer step = micro_batch_size * grad_accum * world_size
+    train_tokens: int = 2_000_000      # run length; steps = train_tokens // (global_batch_size * seq_len)
+    max_steps: int = 0                 # stop after this many steps of that schedule (0: run it to the end)
+    # --- optimisation (paper: AdamW 0.9/0.95, eps 1e-8, wd 0.1, clip 1.0, peak 3e-4, 5% warmup, cosine to 10%)
+    lr: float = 3e-4
+    min_lr_frac: float = 0.1
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # --- logging and evaluation
+    log_interval: int = 10
+    eval_interval: int = 0             # held-out loss every N steps (0: only at the end)
+    eval_window: int = 4096
+    eval_max_windows: int = 256
+    eval_batch_size: int = 1
+    callbacks: list = field(default_factory=lambda: ["entropy", "progress", "tensorboard"])
+    # --- checkpoints and export
+    save_interval: int = 0             # DeepSpeed checkpoint every N steps (0: only at the end)
+    resume: str = ""                   # "" fresh, "auto" latest checkpoint of this run if any, or a checkpoint dir
+    export: bool = True                # Hugging Face-format student at the end (usable as a later teacher)
+    export_dtype: str = "float32"
+
+    @property
+    def run_dir(self):
+        return os.path.join(self.out_dir, self.name)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = typing.get_type_hints(Config)
+
+
+def _coerce(key, value):
+    want = _TYPES[key]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is str and value is None:
+        return ""
+    if want is list and isinstance(value, str):  # eval_sets=heldout  ->  ["heldout"]
+        return [v for v in value.split(",") if v]
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {key!r} wants {want.__name__}, got {value!r}")
+    return value
+
+
+def _check_key(key, where):
+    if key not in FIELDS:
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; see distillery/config.py for the keys"
+        raise ConfigError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def parse_overrides(items):
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. alpha=0.4)")
+        k, v = item.split("=", 1)
+        _check_key(k, "the command line")
+        out[k] = yaml.safe_load(v) if v != "" else ""
+    return out
+
+
+def load_config(path=None, overrides=()):
+    values = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} not found; presets are in configs/")
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys")
+        for k in values:
+            _check_key(k, path)
+    values.update(parse_overrides(overrides))
+    cfg = Config(**{k: _coerce(k, v) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise ConfigError(f"alpha={cfg.alpha} must be in [0, 1]")
+    if cfg.temperature <= 0:
+        raise ConfigError(f"temperature={cfg.temperature} must be > 0")
+    for k in ("micro_batch_size", "global_batch_size", "train_tokens", "log_interval", "loss_chunk_size"):
+        if getattr(cfg, k) <= 0:
+            raise ConfigError(f"{k}={getattr(cfg, k)} must be > 0")
+    if cfg.loss_impl not in ("fused", "plain"):
+        raise ConfigError(f"loss_impl={cfg.loss_impl!r}: use fused or plain")
+    if cfg.export_dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"export_dtype={cfg.export_dtype!r}: use float32, bfloat16 or float16")
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
