@@ -33,8 +33,9 @@ PRESETS = {
     "qwen3-0.6b": dict(QWEN3, hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, ffn=3072),
     "qwen3-1.0b": dict(QWEN3, hidden=1536, layers=28, heads=12, kv_heads=4, head_dim=128, ffn=4608),
     # CPU-sized Llama-3 layout for the offline study and tests
-    "tiny-teacher": dict(TINY, hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32, ffn=384),
-    "tiny-student": dict(TINY, hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, ffn=768),
+    # (sized so the whole offline study, teacher + distilled student + baseline, fits 15 minutes on 2 CPU cores)
+    "tiny-teacher": dict(TINY, hidden=96, layers=2, heads=4, kv_heads=2, head_dim=24, ffn=256),
+    "tiny-student": dict(TINY, hidden=192, layers=4, heads=4, kv_heads=2, head_dim=48, ffn=512),
     "micro": dict(TINY, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128),
     "micro-qwen3": dict(QWEN3, vocab=None, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128),
 }
@@ -117,8 +118,9 @@ def check_teacher_dir(path, data_index):
     token -> id map differs is a different tokenizer, and distilling across it would silently compare unrelated
     tokens, so it stops the run here."""
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise DataError(f"teacher {path!r} not found (no config.json); train one (alpha=0) and point teacher= at "
-                        f"its runs/<name>/export directory")
+        raise DataError(f"teacher {path!r} not found (no config.json); train one with `deepspeed train.py "
+                        f"--ds_config ds_configs/cpu.json --config configs/offline/teacher.yaml` or point teacher= "
+                        f"at another runs/<name>/export directory")
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,106 @@
+"""Each bad input stops the run before any process group, model or file exists, with a one-line error."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import train
+from conftest import BASE, REPO, clean_env, make_teacher
+from distillery.config import ConfigError
+from distillery.shards import DataError
+from plugins import PluginError
+
+
+def resolve(data_dir, out_dir, *overrides, ds_config="ds_configs/cpu.json"):
+    return train.resolve(train.parse_args(["--ds_config", str(REPO / ds_config), f"data={data_dir}",
+                                           f"out_dir={out_dir}", *BASE, *overrides]))
+
+
+@pytest.fixture(scope="module")
+def foreign_teacher(data_dir, tmp_path_factory):
+    """A teacher whose tokenizer was trained on other text: same vocab size, different token -> id map."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    out = tmp_path_factory.mktemp("foreign") / "t"
+    make_teacher(data_dir, out)
+    for fn in os.listdir(out):
+        if fn.startswith("tokenizer"):
+            os.remove(out / fn)
+    texts = [f"line {i} of an unrelated corpus about {w}" for i, w in enumerate(["cats", "maps", "tea"] * 200)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(out))
+    return str(out)
+
+
+@pytest.mark.parametrize("overrides, exc, needle", [
+    (["teacher=/no/such/dir", "alpha=0.5"], DataError, "teacher '/no/such/dir' not found"),
+    (["alpha=0.5", "teacher="], ConfigError, "needs a teacher"),
+    (["divergence=nope", "alpha=0"], PluginError, "unknown divergence plugin 'nope'; known: "),
+    (["mix=nope", "alpha=0"], PluginError, "unknown mix plugin"),
+    (["callbacks=[progress,nope]", "alpha=0"], PluginError, "unknown callback plugin 'nope'"),
+    (["alhpa=0.5"], ConfigError, "unknown config key 'alhpa' in the command line; did you mean 'alpha'?"),
+    (["global_batch_size=10", "alpha=0"], ConfigError, "global_batch_size=10 is not micro_batch_size=4"),
+    (["data=/no/such/data", "alpha=0"], DataError, "python -m data_prep.offline"),
+    (["seq_len=128", "alpha=0"], ConfigError, "re-pack the data"),
+    (["eval_sets=[nope]", "alpha=0"], DataError, "eval set(s) nope not in"),
+    (["alpha=1.5"], ConfigError, "alpha=1.5 must be in [0, 1]"),
+    (["alpha=zero"], ConfigError, "wants float"),
+    (["train_tokens=10", "alpha=0"], ConfigError, "less than one global batch"),
+])
+def test_bad_input_errors(data_dir, tmp_path, overrides, exc, needle):
+    with pytest.raises(exc) as e:
+        resolve(data_dir, tmp_path, *overrides)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+    assert not os.listdir(tmp_path)  # nothing written: no run dir, no partial checkpoint
+
+
+def test_foreign_tokenizer_teacher(data_dir, foreign_teacher, tmp_path):
+    with pytest.raises(DataError, match="uses a different tokenizer"):
+        resolve(data_dir, tmp_path, f"teacher={foreign_teacher}", "alpha=0.5")
+    assert not os.listdir(tmp_path)
+
+
+def test_teacher_without_tokenizer(data_dir, teacher_dir, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(teacher_dir, bare)
+    for fn in os.listdir(bare):
+        if fn.startswith("tokenizer"):
+            os.remove(bare / fn)
+    with pytest.raises(DataError, match="no loadable tokenizer"):
+        resolve(data_dir, tmp_path / "runs", f"teacher={bare}", "alpha=0.5")
+
+
+def test_ds_config_must_not_set_batch_sizes(data_dir, tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}}')
+    with pytest.raises(ConfigError, match="remove them from the JSON"):
+        resolve(data_dir, tmp_path / "runs", "alpha=0", ds_config=str(bad))
+
+
+def test_padded_teacher_vocab_is_accepted(data_dir, tmp_path):
+    """A teacher with extra (padded) output rows shares the tokenizer: KD runs over the real vocab."""
+    import json
+    t = make_teacher(data_dir, tmp_path / "padded")
+    cfg = json.load(open(os.path.join(t, "config.json")))
+    from transformers import AutoModelForCausalLM
+    from distillery.models import hf_config
+    hf = hf_config("micro", cfg["vocab_size"] + 64, 64)
+    AutoModelForCausalLM.from_config(hf).save_pretrained(t)
+    *_, kd_vocab = resolve(data_dir, tmp_path / "runs", f"teacher={t}", "alpha=0.5")
+    assert kd_vocab == cfg["vocab_size"]
+
+
+def test_cli_prints_one_line_and_exits_2(data_dir, tmp_path):
+    p = subprocess.run([sys.executable, "train.py", "--ds_config", "ds_configs/cpu.json", f"data={data_dir}",
+                        f"out_dir={tmp_path}", "alpha=0.5", "teacher=/no/such/dir"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env=clean_env())
+    assert p.returncode == 2
+    lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "teacher '/no/such/dir' not found" in lines[0]
+    assert not os.listdir(tmp_path)
