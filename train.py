@@ -65,11 +65,18 @@ def resolve(args):
         raise ConfigError(f"seq_len={cfg.seq_len} but {cfg.data} holds rows of {seq_len}; re-pack the data with "
                           f"data_prep --seq_len {cfg.seq_len} or drop the override")
     cfg.seq_len = seq_len
-    streams = [k for k, v in index["splits"].items() if v["kind"] == "stream"]
+    eval_dir = cfg.eval_data or cfg.data
+    eval_index = read_index(eval_dir)
+    if eval_index["tokenizer"]["vocab_hash"] != index["tokenizer"]["vocab_hash"]:
+        raise DataError(f"eval sets in {eval_dir} were tokenised with {eval_index['tokenizer']['name']}, the training "
+                        f"data with {index['tokenizer']['name']}; rebuild them with data_prep.evalsets --tokenizer "
+                        f"{cfg.data}/tokenizer")
+    streams = [k for k, v in eval_index["splits"].items() if v["kind"] == "stream"]
     missing = [s for s in cfg.eval_sets if s not in streams]
     if missing:
-        raise DataError(f"eval set(s) {', '.join(missing)} not in {cfg.data} (it has: {', '.join(streams)}); "
+        raise DataError(f"eval set(s) {', '.join(missing)} not in {eval_dir} (it has: {', '.join(streams)}); "
                         f"fix eval_sets= or build them with data_prep")
+    cfg.eval_sets = list(cfg.eval_sets) or streams
     total_steps = cfg.train_tokens // (cfg.global_batch_size * seq_len)
     if total_steps < 1:
         raise ConfigError(f"train_tokens={cfg.train_tokens} is less than one global batch "
@@ -229,7 +236,8 @@ def train(cfg, engine, teacher, rows, streams, loss, kd_vocab, total_steps, star
         done = step + 1
         is_log = done % cfg.log_interval == 0 or done == end_step
         is_save = (cfg.save_interval and done % cfg.save_interval == 0) or done == end_step
-        is_eval = (cfg.eval_interval and done % cfg.eval_interval == 0) or done == total_steps
+        is_eval = cfg.eval_interval >= 0 and (
+            (cfg.eval_interval and done % cfg.eval_interval == 0) or done == total_steps)
         metrics = diag = None
         if is_log or is_save:  # a checkpoint is never written without checking the loss first
             dist.all_reduce(acc)
@@ -292,8 +300,7 @@ def main(argv=None):
         os.makedirs(cfg.run_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     rows = TokenRows(cfg.data, "train")
-    streams = {s: load_stream(cfg.data, s) for s in cfg.eval_sets or
-               [k for k, v in index["splits"].items() if v["kind"] == "stream"]}
+    streams = {s: load_stream(cfg.eval_data or cfg.data, s) for s in cfg.eval_sets}
     engine, teacher = build_engines(cfg, ds_base, index, total_steps, world, kd_vocab)
     start_step = 0
     where = checkpoint.find_resume(cfg)

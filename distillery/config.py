@@ -25,7 +25,8 @@ class Config:
     seed: int = 43                     # paper: teachers 42, students and baselines 43
     # --- data (data_prep output; see docs/data.md)
     data: str = "data/offline"
-    eval_sets: list = field(default_factory=lambda: ["heldout", "ood_english", "ood_c"])
+    eval_data: str = ""                # data dir of the eval token sets (data_prep.evalsets); "" = `data`
+    eval_sets: list = field(default_factory=list)  # stream splits of eval_data to evaluate; [] = all of them
     # --- models
     student: str = "tiny-student"      # preset name (distillery/models.py) ...
     student_init: str = ""             # ... or start from a Hugging Face directory (continued pretraining)
@@ -64,11 +65,12 @@ class Config:
     grad_clip: float = 1.0
     # --- logging and evaluation
     log_interval: int = 10
-    eval_interval: int = 0             # held-out loss every N steps (0: only at the end)
+    eval_interval: int = 0             # held-out loss every N steps (0: only at the end; -1: never)
     eval_window: int = 4096
     eval_max_windows: int = 256
     eval_batch_size: int = 1
-    callbacks: list = field(default_factory=lambda: ["entropy", "progress", "tensorboard"])
+    callbacks: list = field(default_factory=lambda: ["entropy", "progress", "tensorboard", "eval_final"])
+    callback_args: dict = field(default_factory=dict)  # per-callback options, e.g. {eval_downstream: {every: 1000}}
     # --- checkpoints and export
     save_interval: int = 0             # DeepSpeed checkpoint every N steps (0: only at the end)
     resume: str = ""                   # "" fresh, "auto" latest checkpoint of this run if any, or a checkpoint dir

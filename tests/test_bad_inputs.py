@@ -48,6 +48,7 @@ def foreign_teacher(data_dir, tmp_path_factory):
     (["data=/no/such/data", "alpha=0"], DataError, "python -m data_prep.offline"),
     (["seq_len=128", "alpha=0"], ConfigError, "re-pack the data"),
     (["eval_sets=[nope]", "alpha=0"], DataError, "eval set(s) nope not in"),
+    (["eval_data=/no/such/evals", "alpha=0"], DataError, "no data set at '/no/such/evals'"),
     (["alpha=1.5"], ConfigError, "alpha=1.5 must be in [0, 1]"),
     (["alpha=zero"], ConfigError, "wants float"),
     (["train_tokens=10", "alpha=0"], ConfigError, "less than one global batch"),

@@ -88,7 +88,7 @@ def test_step0_loss_is_ln_vocab_under_zero3(data_dir, tmp_path):
                                         "documents": 1, "files": [{"path": "train/00000.bin", **entry}]}})
     shards.atomic_write_json(str(d / "index.json"), index)
     run_dir = run_inprocess(str(d), tmp_path, "name=init", "alpha=0", "max_steps=1", "student=tiny-student",
-                            "eval_sets=[]", "callbacks=[]")
+                            "eval_interval=-1", "callbacks=[]")
     m, _ = read_metrics(run_dir)
     assert abs(m[1]["loss/ce"] - math.log(V)) < 0.1
 
@@ -140,7 +140,7 @@ def test_dropped_in_divergence_is_selectable(data_dir, teacher_dir, tmp_path):
         assert "zz_half_kl" in out.stdout
         code = ("import sys; sys.path.insert(0, 'tests'); from conftest import run_inprocess; "
                 f"run_inprocess({data_dir!r}, {str(tmp_path)!r}, 'name=drop', 'teacher={teacher_dir}', "
-                "'alpha=0.5', 'divergence=zz_half_kl', 'max_steps=1', 'eval_sets=[]', 'loss_impl=plain')")
+                "'alpha=0.5', 'divergence=zz_half_kl', 'max_steps=1', 'eval_interval=-1', 'loss_impl=plain')")
         p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                            env=clean_env())
         assert p.returncode == 0, p.stderr[-2000:]
@@ -158,6 +158,6 @@ def test_nan_loss_stops_before_checkpoint(data_dir, teacher_dir, tmp_path):
         plugins.register("divergence", "test_nan")(lambda s_logp, t_logp, **_: s_logp.sum(-1) * float("nan"))
     with pytest.raises(train.TrainingError, match=r"loss is not finite between steps 1 and 1; resume") as e:
         run_inprocess(data_dir, tmp_path, "name=nan", f"teacher={teacher_dir}", "alpha=0.5", "divergence=test_nan",
-                      "save_interval=1", "eval_sets=[]", "loss_impl=plain")
+                      "save_interval=1", "eval_interval=-1", "loss_impl=plain")
     assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "nan" / "checkpoints")
