@@ -47,7 +47,7 @@ class Config:
     alpha_warmup_frac: float = 0.0
     alpha_decay_frac: float = 0.2
     loss_impl: str = "fused"           # fused (chunked, distillery/fused_kd.py) or plain (reference)
-    loss_chunk_size: int = 1024        # rows of [tokens x vocab] per chunk in the fused head
+    loss_chunk_size: int = 0           # rows per chunk in the fused head; 0: auto, ~2^25 logits (256 rows at 128k)
     # --- batch and length
     seq_len: int = 0                   # 0: the data set's row length
     micro_batch_size: int = 8          # rows per rank per forward
@@ -146,9 +146,11 @@ def validate(cfg):
         raise ConfigError(f"alpha={cfg.alpha} must be in [0, 1]")
     if cfg.temperature <= 0:
         raise ConfigError(f"temperature={cfg.temperature} must be > 0")
-    for k in ("micro_batch_size", "global_batch_size", "train_tokens", "log_interval", "loss_chunk_size"):
+    for k in ("micro_batch_size", "global_batch_size", "train_tokens", "log_interval"):
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"{k}={getattr(cfg, k)} must be > 0")
+    if cfg.loss_chunk_size < 0:
+        raise ConfigError(f"loss_chunk_size={cfg.loss_chunk_size} must be >= 0 (0: automatic)")
     if cfg.loss_impl not in ("fused", "plain"):
         raise ConfigError(f"loss_impl={cfg.loss_impl!r}: use fused or plain")
     if cfg.export_dtype not in ("float32", "bfloat16", "float16"):
