@@ -185,7 +185,8 @@ def train(cfg, engine, teacher, rows, streams, loss, kd_vocab, total_steps, star
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     dev = engine.device
     acc = torch.zeros(4 + len(DIAG_KEYS), dtype=torch.float64, device=dev)  # total, ce, kd, not-finite, diag...
-    n_acc, steps_acc, t_log, teacher_s = 0.0, 0, time.perf_counter(), 0.0
+    n_acc, steps_acc, t_log = 0.0, 0, time.perf_counter()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     ctx = dict(cfg=cfg, engine=engine, teacher=teacher, run_dir=cfg.run_dir, writer=writer, rank=rank, world=world,
                total_steps=total_steps)
     call(callbacks, "on_train_start", start_step=start_step, **ctx)
@@ -203,19 +204,29 @@ def train(cfg, engine, teacher, rows, streams, loss, kd_vocab, total_steps, star
         # (One host sync per step for the count; ZeRO's step syncs for the grad norm anyway.)
         inv_n = 1.0 / n_global.item()
         scale = world * grad_accum * inv_n
-        timed = (step + 1) % cfg.log_interval == 0 and dev.type == "cuda"
+        done = step + 1
+        is_log = done % cfg.log_interval == 0 or done == end_step
+        is_save = (cfg.save_interval and done % cfg.save_interval == 0) or done == end_step
+        is_eval = cfg.eval_interval >= 0 and (
+            (cfg.eval_interval and done % cfg.eval_interval == 0) or done == total_steps)
+        # Teacher share of step time is measured on reported steps only: it needs device syncs around the teacher
+        # forward, which would cost overlap on every step.
+        timed = is_log or is_save
+        if timed:
+            sync()
+            t_step, teacher_s = time.perf_counter(), 0.0
         for m in range(grad_accum):
             x, y = batch[m].to(dev, non_blocking=True), targets[m].to(dev, non_blocking=True)
             t_hidden, gather = None, contextlib.nullcontext()
             if teacher is not None:
-                t0 = time.perf_counter()
                 if timed:
-                    torch.cuda.synchronize()
+                    sync()
+                    t0 = time.perf_counter()
                 with torch.no_grad():
                     t_hidden = teacher(x)                                            # [mb, S, Ht]
                 if timed:
-                    torch.cuda.synchronize()
-                teacher_s += time.perf_counter() - t0
+                    sync()
+                    teacher_s += time.perf_counter() - t0
                 gather = deepspeed.zero.GatheredParameters([teacher.module.head_weight], modifier_rank=None)
             with gather:
                 parts = engine(input_ids=x, targets=y, teacher_hidden=t_hidden,
@@ -231,13 +242,11 @@ def train(cfg, engine, teacher, rows, streams, loss, kd_vocab, total_steps, star
             for i, k in enumerate(DIAG_KEYS):
                 if k in parts["diag"]:
                     acc[4 + i] += parts["diag"][k].double()
+        if timed:
+            sync()
+            step_s = time.perf_counter() - t_step
         steps_acc += 1
         n_acc += n_global.item()
-        done = step + 1
-        is_log = done % cfg.log_interval == 0 or done == end_step
-        is_save = (cfg.save_interval and done % cfg.save_interval == 0) or done == end_step
-        is_eval = cfg.eval_interval >= 0 and (
-            (cfg.eval_interval and done % cfg.eval_interval == 0) or done == total_steps)
         metrics = diag = None
         if is_log or is_save:  # a checkpoint is never written without checking the loss first
             dist.all_reduce(acc)
@@ -251,13 +260,13 @@ def train(cfg, engine, teacher, rows, streams, loss, kd_vocab, total_steps, star
                        "tokens/seen": done * tokens_per_step, "perf/tokens_per_s": steps_acc * tokens_per_step / dt,
                        "perf/step_s": dt / steps_acc}
             if teacher is not None:
-                metrics["perf/teacher_share"] = teacher_s / dt
+                metrics["perf/teacher_share"] = teacher_s / step_s
             diag = {k: a[4 + i] / n_acc for i, k in enumerate(DIAG_KEYS)} if want_diag else {}
         call(callbacks, "on_step_end", step=done, metrics=metrics, diag=diag, **ctx)
         if metrics is not None:
             log_jsonl(cfg, rank, dict(step=done, **metrics))
             acc.zero_()
-            n_acc, steps_acc, t_log, teacher_s = 0.0, 0, time.perf_counter(), 0.0
+            n_acc, steps_acc, t_log = 0.0, 0, time.perf_counter()
         if is_eval and streams:
             results = evaluate(engine, cfg, streams, rank, world)
             call(callbacks, "on_eval", step=done, results=results, **ctx)
