@@ -1,0 +1,1 @@
+"""Data preparation: corpora -> tokenizer -> packed token shards (format: distillery/shards.py)."""

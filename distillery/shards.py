@@ -1,0 +1,216 @@
+"""Token shard format: fixed-length packed rows for training, flat token streams for evaluation sets.
+
+A data directory looks like
+    data/<name>/index.json          what is here (below); written last, atomically: no index, no data set
+    data/<name>/tokenizer/          the tokenizer (Hugging Face format), so runs and exports can carry it
+    data/<name>/<split>/00000.bin   raw little-endian uint16 (vocab <= 65536) or uint32 tokens
+
+index.json:
+    {"format": "distillery.shards", "version": 1, "dtype": "uint16", "vocab_size": 4096, "eos_id": 0,
+     "tokenizer": {"name": "...", "vocab_hash": "<sha256 of the token->id map>"},
+     "splits": {"train":   {"kind": "rows",   "seq_len": 256, "rows": R, "tokens": R*256, "documents": D,
+                            "files": [{"path": "train/00000.bin", "tokens": n, "sha256": "..."}]},
+                "heldout": {"kind": "stream", "tokens": n, "documents": D, "files": [...]}}}
+"rows" splits are documents joined by EOS and cut into rows of seq_len tokens (what the trainer reads);
+"stream" splits keep the raw token stream (what windowed perplexity reads). The JSON index can grow new keys
+without breaking readers; `version` changes only when an old reader would misread the bytes.
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+
+FORMAT, VERSION = "distillery.shards", 1
+
+
+class DataError(ValueError):
+    """Bad or missing data: the message names the problem and the command that fixes it."""
+
+
+def dtype_for_vocab(vocab_size):
+    return "uint16" if vocab_size <= 2 ** 16 else "uint32"
+
+
+def vocab_hash(tokenizer):
+    """Identity of a tokenizer: sha256 of its sorted token -> id map (tokenizers.Tokenizer or HF tokenizer)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else tokenizer
+    blob = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def atomic_write_json(path, obj):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path, bufsize=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_tokens(path, tokens, dtype):
+    """Write one shard file under a temporary name, then rename: a killed writer never leaves a file that looks
+    complete. Returns its index entry (without 'path')."""
+    arr = np.ascontiguousarray(tokens, dtype=dtype)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(arr.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"tokens": int(arr.size), "sha256": hashlib.sha256(arr.tobytes()).hexdigest()}
+
+
+def read_index(data_dir):
+    path = os.path.join(data_dir, "index.json")
+    if not os.path.isfile(path):
+        raise DataError(f"no data set at {data_dir!r} (missing index.json); build it with "
+                        f"`python -m data_prep.offline --out {data_dir}` or `python -m data_prep.prepare ... --out {data_dir}`")
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"corrupt {path}: {e}; rebuild the data set with data_prep") from None
+    if index.get("format") != FORMAT or index.get("version") != VERSION:
+        raise DataError(f"{path} is not a {FORMAT} v{VERSION} index (got {index.get('format')} "
+                        f"v{index.get('version')}); rebuild it with this version of data_prep")
+    return index
+
+
+def _open_files(data_dir, index, split, verify):
+    if split not in index["splits"]:
+        raise DataError(f"data set {data_dir!r} has no split {split!r} (it has: {', '.join(index['splits'])}); "
+                        f"rebuild it with data_prep or pick another set")
+    dtype = np.dtype(index["dtype"])
+    maps = []
+    for entry in index["splits"][split]["files"]:
+        path = os.path.join(data_dir, entry["path"])
+        if not os.path.isfile(path):
+            raise DataError(f"shard {path} is missing; rebuild the data set with data_prep")
+        size = os.path.getsize(path)
+        if size != entry["tokens"] * dtype.itemsize:
+            raise DataError(f"shard {path} has {size} bytes, index says {entry['tokens'] * dtype.itemsize} "
+                            f"(truncated or replaced); rebuild the data set with data_prep")
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise DataError(f"shard {path} fails its checksum (corrupt); rebuild the data set with data_prep")
+        maps.append(np.memmap(path, dtype=dtype, mode="r") if entry["tokens"] else np.zeros(0, dtype))
+    return maps
+
+
+class TokenRows:
+    """Random access to the packed rows of a 'rows' split: rows[i] -> np.ndarray [seq_len]. Memory-mapped."""
+
+    def __init__(self, data_dir, split="train", verify=False):
+        self.index = read_index(data_dir)
+        meta = self.index["splits"].get(split, {})
+        if meta and meta.get("kind") != "rows":
+            raise DataError(f"split {split!r} of {data_dir!r} is a token stream, not packed rows")
+        self.maps = _open_files(data_dir, self.index, split, verify)
+        self.seq_len = meta["seq_len"]
+        self.vocab_size = self.index["vocab_size"]
+        for m, e in zip(self.maps, meta["files"]):
+            if e["tokens"] % self.seq_len:
+                raise DataError(f"shard {e['path']} holds {e['tokens']} tokens, not a multiple of seq_len "
+                                f"{self.seq_len}; rebuild the data set with data_prep")
+        self.rows_per_file = np.array([m.size // self.seq_len for m in self.maps], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.rows_per_file)])
+        if self.starts[-1] == 0:
+            raise DataError(f"split {split!r} of {data_dir!r} has no rows; give data_prep more text or a "
+                            f"shorter --seq_len")
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, i):
+        f = int(np.searchsorted(self.starts, i, side="right") - 1)
+        r = i - int(self.starts[f])
+        return self.maps[f][r * self.seq_len:(r + 1) * self.seq_len]
+
+    def take(self, indices):
+        """[len(indices), seq_len] int64 array of the given global row indices (one searchsorted for the batch,
+        then one memmap slice per row: a batch of 8 rows costs tens of microseconds plus page faults)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"row index out of range [0, {len(self)})")
+        files = np.searchsorted(self.starts, idx, side="right") - 1
+        out = np.empty((idx.size, self.seq_len), dtype=np.int64)
+        L = self.seq_len
+        for j, (f, i) in enumerate(zip(files.tolist(), idx.tolist())):
+            r = i - int(self.starts[f])
+            out[j] = self.maps[f][r * L:(r + 1) * L]
+        return out
+
+
+def load_stream(data_dir, split, verify=False):
+    """The whole token stream of a 'stream' split as one 1-D array (memory-mapped when a single file)."""
+    index = read_index(data_dir)
+    maps = _open_files(data_dir, index, split, verify)
+    if not maps:  # e.g. a held-out split that drew no documents
+        return np.zeros(0, dtype=index["dtype"])
+    return maps[0] if len(maps) == 1 else np.concatenate(maps)
+
+
+def verify_all(data_dir):
+    """Check every shard's size and checksum; raises DataError on the first bad one."""
+    index = read_index(data_dir)
+    for split in index["splits"]:
+        _open_files(data_dir, index, split, verify=True)
+    return index
+
+
+def tokenizer_identity(tokenizer):
+    """{"name", "vocab_hash", "vocab_size"} of a tokenizer given as a directory or tokenizer.json path, a Hugging
+    Face hub id, a transformers tokenizer, a tokenizers.Tokenizer, or an identity dict (returned as is)."""
+    if isinstance(tokenizer, dict):
+        return tokenizer
+    name = ref = None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        name = ref = str(tokenizer)  # ref: what to pass to --tokenizer to rebuild with it
+        path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
+        if os.path.isfile(path) and path.endswith(".json"):
+            from tokenizers import Tokenizer  # the fast path: no transformers import, no hub
+            tokenizer = Tokenizer.from_file(path)
+            # a data set's own tokenizer dir carries its recorded name in the index one level up
+            parent_index = os.path.join(os.path.dirname(os.path.abspath(path)), "..", "index.json")
+            if os.path.isfile(parent_index):
+                with open(parent_index) as f:
+                    name = json.load(f).get("tokenizer", {}).get("name", name)
+        else:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(name)
+    if name is None:
+        name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+    vocab = tokenizer.get_vocab()
+    return {"name": name, "vocab_hash": vocab_hash(vocab), "vocab_size": len(vocab), "ref": ref or name}
+
+
+def check_tokenizer(index, tokenizer, who="student", data_dir=None, model_vocab_size=None):
+    """Refuse a data set whose tokens were made by another tokenizer than `who`'s (student or teacher).
+
+    Identity is the sha256 of the token -> id map, not the name: the same vocabulary under two names passes,
+    the same name with a different vocabulary fails. `model_vocab_size` (the embedding rows) may exceed the
+    tokenizer's vocabulary (padded embeddings, e.g. 128256 rounded up) but not fall short of the ids in the data.
+    `index` may be a loaded index dict or a data directory. Returns the tokenizer identity."""
+    if isinstance(index, (str, os.PathLike)):
+        data_dir, index = str(index), read_index(index)
+    where = f" {data_dir!r}" if data_dir else ""
+    ident = tokenizer_identity(tokenizer)
+    want = index["tokenizer"]
+    if ident["vocab_hash"] != want["vocab_hash"]:
+        raise DataError(f"{who} tokenizer {ident['name']!r} (vocab hash {ident['vocab_hash'][:12]}, "
+                        f"{ident['vocab_size']} tokens) does not match data set{where} made with "
+                        f"{want['name']!r} (vocab hash {want['vocab_hash'][:12]}, {index['vocab_size']} tokens); "
+                        f"use a {who} with that tokenizer or rebuild the data with --tokenizer "
+                        f"{ident.get('ref', ident['name'])}")
+    if model_vocab_size is not None and model_vocab_size < index["vocab_size"]:
+        raise DataError(f"{who} model has {model_vocab_size} embedding rows but data set{where} has "
+                        f"{index['vocab_size']} token ids; set the {who}'s vocab_size >= {index['vocab_size']}")
+    return ident
