@@ -32,7 +32,7 @@ from distillery.config import ConfigError, load_config, save_config, to_dict
 from distillery.engines import (batch_layout, init_student, init_teacher, load_ds_config, student_ds_config,
                                 teacher_ds_config)
 from distillery.loss import DIAG_KEYS, IGNORE_INDEX
-from distillery.models import build_student, check_teacher_dir, export_hf, load_pretrained, zero3_context
+from distillery.models import build_student, check_model_dir, export_hf, load_pretrained, zero3_context
 from distillery.sampler import GlobalOrder
 from distillery.shards import DataError, TokenRows, load_stream, read_index
 from eval.ppl import windowed_ce
@@ -81,6 +81,8 @@ def resolve(args):
     if total_steps < 1:
         raise ConfigError(f"train_tokens={cfg.train_tokens} is less than one global batch "
                           f"({cfg.global_batch_size} x {seq_len} tokens)")
+    if cfg.student_init:
+        check_model_dir(cfg.student_init, index, who="student_init")
     world = int(os.environ.get("WORLD_SIZE", 1))
     batch_layout(cfg, world)
     loss = dict(divergence=plugins.get("divergence", cfg.divergence), mix=plugins.get("mix", cfg.mix),
@@ -91,7 +93,7 @@ def resolve(args):
         if not cfg.teacher:
             raise ConfigError(f"alpha={cfg.alpha} (mix {cfg.mix}) needs a teacher: set teacher=<hf dir>, or "
                               f"alpha=0 for the baseline")
-        kd_vocab = check_teacher_dir(cfg.teacher, index)
+        kd_vocab = check_model_dir(cfg.teacher, index, who="teacher")
     elif cfg.teacher and os.environ.get("RANK", "0") == "0":
         print(f"note: KD weight is 0 at every step, so teacher={cfg.teacher} is not loaded")
     return cfg, ds_base, index, total_steps, loss, kd_vocab

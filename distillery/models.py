@@ -14,7 +14,7 @@ import shutil
 
 import torch
 
-from distillery.shards import DataError, vocab_hash
+from distillery.shards import DataError, check_tokenizer
 
 LLAMA3 = dict(arch="llama", heads=32, kv_heads=8, head_dim=128, vocab=128256, tie=False, rope_theta=500000.0,
               rms_eps=1e-5)
@@ -111,32 +111,25 @@ def load_pretrained(path, cfg, dtype):
                                                 attn_implementation=attn_implementation(cfg.attn_impl))
 
 
-def check_teacher_dir(path, data_index):
-    """Before any model is built: the teacher exists and speaks the data's tokenizer. Returns the shared vocab.
+def check_model_dir(path, data_index, who="teacher"):
+    """Before any model is built: the directory exists and speaks the data's tokenizer. Returns the shared vocab.
 
     A padded embedding (e.g. 151936 vs 152064 rows) is fine: KD runs over the shared real vocab. A tokenizer whose
     token -> id map differs is a different tokenizer, and distilling across it would silently compare unrelated
-    tokens, so it stops the run here."""
+    tokens, so it stops the run here (shards.check_tokenizer)."""
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise DataError(f"teacher {path!r} not found (no config.json); train one with `deepspeed train.py "
-                        f"--ds_config ds_configs/cpu.json --config configs/offline/teacher.yaml` or point teacher= "
+        raise DataError(f"{who} {path!r} not found (no config.json); train one with `deepspeed train.py "
+                        f"--ds_config ds_configs/cpu.json --config configs/offline/teacher.yaml` or point {who}= "
                         f"at another runs/<name>/export directory")
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001  (any failure means we cannot verify the tokenizer)
-        raise DataError(f"teacher {path!r} has no loadable tokenizer ({type(e).__name__}); copy the tokenizer it "
+        raise DataError(f"{who} {path!r} has no loadable tokenizer ({type(e).__name__}); copy the tokenizer it "
                         f"was trained with into that directory") from None
-    want = data_index["tokenizer"]
-    if vocab_hash(tok) != want["vocab_hash"]:
-        raise DataError(f"teacher {path!r} uses a different tokenizer (vocab {len(tok)}) than the data "
-                        f"({want['name']}, vocab {data_index['vocab_size']}); distill only between models that "
-                        f"share a tokenizer, or re-tokenize the data with the teacher's")
     with open(os.path.join(path, "config.json")) as f:
-        t_vocab = json.load(f).get("vocab_size", len(tok))
-    if t_vocab < data_index["vocab_size"]:
-        raise DataError(f"teacher {path!r} has {t_vocab} output rows, fewer than the tokenizer's "
-                        f"{data_index['vocab_size']} tokens; the checkpoint does not match its tokenizer")
+        rows = json.load(f).get("vocab_size", len(tok))
+    check_tokenizer(data_index, tok, who=who, model_vocab_size=rows)
     return data_index["vocab_size"]
 
 
