@@ -57,6 +57,31 @@ def resolve(args):
     """Everything that can be wrong with the inputs is found here, before a process group, a model or a file exists."""
     cfg = load_config(args.config, args.overrides)
     ds_base = load_ds_config(args.ds_config)
+    index = check_data(cfg)
+    total_steps = cfg.train_tokens // (cfg.global_batch_size * cfg.seq_len)
+    if total_steps < 1:
+        raise ConfigError(f"train_tokens={cfg.train_tokens} is less than one global batch "
+                          f"({cfg.global_batch_size} x {cfg.seq_len} tokens)")
+    if cfg.student_init:
+        check_model_dir(cfg.student_init, index, who="student_init")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    batch_layout(cfg, world)
+    loss = dict(divergence=plugins.get("divergence", cfg.divergence), mix=plugins.get("mix", cfg.mix),
+                schedule=plugins.get("alpha_schedule", cfg.alpha_schedule),
+                callbacks=[plugins.get("callback", name) for name in cfg.callbacks])
+    kd_vocab = None
+    if needs_teacher(cfg, loss, total_steps):
+        if not cfg.teacher:
+            raise ConfigError(f"alpha={cfg.alpha} (mix {cfg.mix}) needs a teacher: set teacher=<hf dir>, or "
+                              f"alpha=0 for the baseline")
+        kd_vocab = check_model_dir(cfg.teacher, index, who="teacher")
+    elif cfg.teacher and os.environ.get("RANK", "0") == "0":
+        print(f"note: KD weight is 0 at every step, so teacher={cfg.teacher} is not loaded")
+    return cfg, ds_base, index, total_steps, loss, kd_vocab
+
+
+def check_data(cfg):
+    """The training shards and the eval sets exist and share one tokenizer; fills cfg.seq_len and cfg.eval_sets."""
     index = read_index(cfg.data)
     seq_len = index["splits"].get("train", {}).get("seq_len")
     if seq_len is None:
@@ -77,26 +102,7 @@ def resolve(args):
         raise DataError(f"eval set(s) {', '.join(missing)} not in {eval_dir} (it has: {', '.join(streams)}); "
                         f"fix eval_sets= or build them with data_prep")
     cfg.eval_sets = list(cfg.eval_sets) or streams
-    total_steps = cfg.train_tokens // (cfg.global_batch_size * seq_len)
-    if total_steps < 1:
-        raise ConfigError(f"train_tokens={cfg.train_tokens} is less than one global batch "
-                          f"({cfg.global_batch_size} x {seq_len} tokens)")
-    if cfg.student_init:
-        check_model_dir(cfg.student_init, index, who="student_init")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    batch_layout(cfg, world)
-    loss = dict(divergence=plugins.get("divergence", cfg.divergence), mix=plugins.get("mix", cfg.mix),
-                schedule=plugins.get("alpha_schedule", cfg.alpha_schedule),
-                callbacks=[plugins.get("callback", name) for name in cfg.callbacks])
-    kd_vocab = None
-    if needs_teacher(cfg, loss, total_steps):
-        if not cfg.teacher:
-            raise ConfigError(f"alpha={cfg.alpha} (mix {cfg.mix}) needs a teacher: set teacher=<hf dir>, or "
-                              f"alpha=0 for the baseline")
-        kd_vocab = check_model_dir(cfg.teacher, index, who="teacher")
-    elif cfg.teacher and os.environ.get("RANK", "0") == "0":
-        print(f"note: KD weight is 0 at every step, so teacher={cfg.teacher} is not loaded")
-    return cfg, ds_base, index, total_steps, loss, kd_vocab
+    return index
 
 
 def alpha_at(cfg, schedule, step, total_steps):
