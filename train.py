@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 import plugins
 from distillery import checkpoint
-from distillery.config import ConfigError, load_config, save_config, to_dict
+from distillery.config import Config, ConfigError, load_config, save_config, to_dict
 from distillery.engines import (batch_layout, init_student, init_teacher, load_ds_config, student_ds_config,
                                 teacher_ds_config)
 from distillery.loss import DIAG_KEYS, IGNORE_INDEX
@@ -75,7 +75,7 @@ def resolve(args):
             raise ConfigError(f"alpha={cfg.alpha} (mix {cfg.mix}) needs a teacher: set teacher=<hf dir>, or "
                               f"alpha=0 for the baseline")
         kd_vocab = check_model_dir(cfg.teacher, index, who="teacher")
-    elif cfg.teacher and os.environ.get("RANK", "0") == "0":
+    elif cfg.teacher and cfg.teacher != Config.teacher and os.environ.get("RANK", "0") == "0":
         print(f"note: KD weight is 0 at every step, so teacher={cfg.teacher} is not loaded")
     return cfg, ds_base, index, total_steps, loss, kd_vocab
 
