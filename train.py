@@ -22,8 +22,11 @@ import socket
 import sys
 import time
 
-import deepspeed
 import torch
+
+if not torch.cuda.is_available():  # say so up front instead of DeepSpeed's accelerator-probe warning
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import deepspeed
 import torch.distributed as dist
 
 import plugins
