@@ -11,3 +11,15 @@ for run in teacher student_kd student_baseline; do
     | grep --line-buffered -v -e '^\[20..-..-.. ..:..:..,...\] \[INFO\]' -e 'return func(\*args' -e 'Setting accelerator to CPU'
 done
 python scripts/summarize.py runs/offline-student-baseline runs/offline-student-kd --plot runs/offline-study.png
+# The paper's logit analysis (entropy, KL, agreement, by baseline-entropy bin) on the out-of-domain English set.
+python -m eval.logit_analysis --student runs/offline-student-kd --baseline runs/offline-student-baseline \
+  --teacher runs/offline-teacher --set ood_english --window 256 --max_windows 64 \
+  --out runs/offline-logit-analysis.json --plot runs/offline-logit-analysis.png 2>&1 | grep --line-buffered -v 'Loading weights'
+python - <<'PY'
+import json
+d = json.load(open("runs/offline-logit-analysis.json"))
+print(f"logit analysis (ood_english, {d['tokens']} tokens): student - baseline entropy "
+      f"{d['entropy']['student_minus_baseline']:+.4f} nats, PPL change {d['ppl']['student_change_pct_vs_baseline']:+.2f}%, "
+      f"top-1 agreement with teacher {d['vs_teacher']['top1_agreement']:.3f}; "
+      f"runs/offline-logit-analysis.json and .png")
+PY
