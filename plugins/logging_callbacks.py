@@ -23,10 +23,11 @@ class Entropy:
 class Progress:
     """One console line per log step on rank 0: loss, tokens/s, ETA."""
 
-    def on_train_start(self, rank=0, start_step=0, total_steps=0, cfg=None, **_):
+    def on_train_start(self, rank=0, start_step=0, total_steps=0, cfg=None, teacher=None, **_):
         self.rank, self.t0, self.start, self.total = rank, time.perf_counter(), start_step, total_steps
         if rank == 0:
-            kd = f"alpha={cfg.alpha} {cfg.mix}/{cfg.divergence} T={cfg.temperature}" if cfg.teacher else "alpha=0"
+            kd = (f"alpha={cfg.alpha} {cfg.mix}/{cfg.divergence} T={cfg.temperature}, teacher {cfg.teacher}"
+                  if teacher is not None else "no teacher (alpha = 0)")
             print(f"[{cfg.name}] {cfg.student} {kd}: steps {start_step}->{total_steps}, "
                   f"{cfg.global_batch_size}x{cfg.seq_len} tokens/step", flush=True)
 

@@ -23,6 +23,13 @@ import subprocess
 import sys
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def points(grid):
     """[('alpha', ['0', '0.2'])...] -> [{'alpha': '0'}, {'alpha': '0.2'}] (cartesian product, in order)."""
     keys = [k for k, _ in grid]
@@ -142,7 +149,10 @@ def main(argv=None):
     if not a.summarize_only:
         todo = [(p, s) for p in pts for s in seeds if final_losses(os.path.join("runs", run_name(a.name, p, s))) is None]
         for i, (p, s) in enumerate(todo):
-            cmd = [*shlex.split(a.launcher), os.path.join(repo, "train.py"), *train_args,
+            launcher = shlex.split(a.launcher)
+            if os.path.basename(launcher[0]) == "deepspeed" and "--master_port" not in launcher:
+                launcher += ["--master_port", str(free_port())]  # runs beside other jobs on one machine
+            cmd = [*launcher, os.path.join(repo, "train.py"), *train_args,
                    *[f"{k}={v}" for k, v in p.items()], f"seed={s}", f"name={run_name(a.name, p, s)}", "out_dir=runs"]
             print(f"[sweep {i + 1}/{len(todo)}] {label(p)} seed={s}", flush=True)
             r = subprocess.run(cmd)
