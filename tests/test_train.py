@@ -161,3 +161,25 @@ def test_nan_loss_stops_before_checkpoint(data_dir, teacher_dir, tmp_path):
                       "save_interval=1", "eval_interval=-1", "loss_impl=plain")
     assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "nan" / "checkpoints")
+
+
+def test_tied_qwen3_student_trains_and_exports(data_dir, teacher_dir, tmp_path):
+    """Qwen3-style student (tied embeddings: the fused head's weight is the embedding) distilled under ZeRO-3, then
+    exported once (safetensors stores the tied tensor once) and reloaded with the same held-out loss."""
+    from transformers import AutoModelForCausalLM
+    from distillery.shards import load_stream
+    from eval.ppl import windowed_ce
+    run_dir = run_inprocess(data_dir, tmp_path, "name=qwen", "student=micro-qwen3", f"teacher={teacher_dir}",
+                            "alpha=0.5", "train_tokens=2048")
+    m, evals = read_metrics(run_dir)
+    assert m[4]["loss/ce"] < m[1]["loss/ce"]
+    sd = load_file(os.path.join(run_dir, "export", "model.safetensors"))
+    assert "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd
+    lm = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "export")).eval()
+    assert lm.lm_head.weight.data_ptr() == lm.model.embed_tokens.weight.data_ptr()
+
+    def loss_fn(x):
+        n = x.shape[0] * (x.shape[1] - 1)
+        return lm(input_ids=x, labels=x).loss * n, n
+    ce = windowed_ce(loss_fn, load_stream(data_dir, "heldout"), window=64, max_windows=4)
+    assert ce == pytest.approx(evals[4]["eval/heldout/loss"], rel=1e-5)
