@@ -1,0 +1,185 @@
+"""One KD training step: Distillery's engines against the plain-torch naive KD loop, same models, same run.
+
+    python bench/train_step.py                 # CPU: tiny presets (vocab 2048, seq 128, micro-batch 8), fp32
+    python bench/train_step.py --gpu           # one GPU: the anchor's pair (gpu_anchor.py: student 2048h/16L tied,
+                                               # teacher 1024h/12L, vocab 128256, seq 2048, micro-batch 4), bf16
+
+Variants (each measured on the same random batches, after warm-up, median step time):
+  naive       plain torch: student forward with autocast, teacher forward under no_grad, full fp32 [tokens x vocab]
+              logits of both, (1 - a) CE + a KL(t || s), AdamW. What a typical KD script does (the anchor's naive_kd).
+  distillery  the trainer's path: ZeRO-3 student engine (StudentWithLoss + fused KD head, client AdamW, clip 1.0) and
+              a ZeRO-3 inference teacher engine, engine.backward / engine.step, one rank.
+Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU, peak RSS of a fresh child process per variant.
+Ends with one JSON line: tokens/s, step ms, peak memory per variant and the distillery / naive ratios. The anchor's
+DeepSpeed ZeRO-3 + naive KD row (peers_and_pitfalls.md) was 19,864 tok/s and 64.7 GiB on an H100.
+"""
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ALPHA = 0.2
+
+
+def shapes(gpu):
+    if gpu:  # gpu_anchor.py's pair
+        return dict(vocab=128256, seq=2048, mb=4, steps=10, warm=3,
+                    student=dict(hidden=2048, layers=16, heads=32, kv=8, ffn=8192, tie=True),
+                    teacher=dict(hidden=1024, layers=12, heads=16, kv=8, ffn=4096, tie=True))
+    return dict(vocab=2048, seq=128, mb=8, steps=6, warm=2,
+                student=dict(hidden=192, layers=4, heads=4, kv=2, ffn=512, tie=False),
+                teacher=dict(hidden=96, layers=2, heads=4, kv=2, ffn=256, tie=False))
+
+
+def hf_cfg(s, p):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=s["vocab"], hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+                       num_attention_heads=p["heads"], num_key_value_heads=p["kv"], intermediate_size=p["ffn"],
+                       head_dim=p["hidden"] // p["heads"], max_position_embeddings=max(s["seq"], 128),
+                       tie_word_embeddings=p["tie"], rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+                       use_cache=False, attn_implementation="sdpa")
+
+
+def batches(s):
+    import torch
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, s["vocab"], (s["mb"], s["seq"]), generator=g) for _ in range(4)]
+
+
+def run_naive(s, dev):
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    st = AutoModelForCausalLM.from_config(hf_cfg(s, s["student"])).to(dev)
+    te = AutoModelForCausalLM.from_config(hf_cfg(s, s["teacher"])).to(dev).eval()
+    if dev == "cuda":
+        te = te.to(torch.bfloat16)
+    for p in te.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(st.parameters(), lr=1e-4, fused=dev == "cuda")
+
+    def step(x):
+        y = torch.roll(x, -1, 1)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            sl = st(input_ids=x).logits
+            with torch.no_grad():
+                tl = te(input_ids=x).logits
+        sl, tl = sl.float().flatten(0, 1), tl.float().flatten(0, 1)
+        ce = F.cross_entropy(sl, y.flatten())
+        kd = F.kl_div(F.log_softmax(sl, -1), F.log_softmax(tl, -1), log_target=True, reduction="batchmean")
+        loss = (1 - ALPHA) * ce + ALPHA * kd
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(st.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def run_distillery(s, dev):
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM
+    from distillery.engines import StudentWithLoss, init_teacher
+    from distillery.models import zero3_context
+    import plugins
+    ds = {"train_micro_batch_size_per_gpu": s["mb"], "gradient_accumulation_steps": 1,
+          "gradient_clipping": 1.0, "zero_optimization": {"stage": 3}, "steps_per_print": 10 ** 9}
+    if dev == "cuda":
+        ds["bf16"] = {"enabled": True}
+    tds = {"train_micro_batch_size_per_gpu": s["mb"], "zero_optimization": {"stage": 3},
+           "steps_per_print": 10 ** 9, **({"bf16": {"enabled": True}} if dev == "cuda" else {})}
+    torch.manual_seed(0)
+    with zero3_context(tds):
+        te = AutoModelForCausalLM.from_config(hf_cfg(s, s["teacher"]))
+    teacher = init_teacher(te, tds)
+    with zero3_context(ds):
+        st = AutoModelForCausalLM.from_config(hf_cfg(s, s["student"]))
+    model = StudentWithLoss(st)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    div = plugins.get("divergence", "forward_kl")
+    n = s["mb"] * (s["seq"] - 1)
+
+    def step(x):
+        x = x.to(engine.device)
+        y = torch.roll(x, -1, 1)
+        y[:, -1] = -100
+        with torch.no_grad():
+            th = teacher(x)
+        with deepspeed.zero.GatheredParameters([teacher.module.head_weight], modifier_rank=None):
+            out = engine(input_ids=x, targets=y, teacher_hidden=th, teacher_weight=teacher.module.head_weight,
+                         impl="fused", kd_vocab=s["vocab"], divergence=div, temperature=1.0,
+                         w_ce=(1 - ALPHA) / n, w_kd=ALPHA / n)
+        engine.backward(out["loss"])
+        engine.step()
+        return out["loss"]
+    return step
+
+
+def measure(variant, gpu):
+    import torch
+    dev = "cuda" if gpu else "cpu"
+    s = shapes(gpu)
+    if variant == "distillery":
+        with socket.socket() as so:
+            so.bind(("127.0.0.1", 0))
+            port = so.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if not gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+    step = (run_distillery if variant == "distillery" else run_naive)(s, dev)
+    bs = [b.to(dev) for b in batches(s)]
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(s["warm"] + s["steps"]):
+        sync()
+        t = time.perf_counter()
+        loss = step(bs[i % 4])
+        float(loss)
+        sync()
+        if i >= s["warm"]:
+            times.append(time.perf_counter() - t)
+    med = sorted(times)[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return dict(variant=variant, step_ms=round(med * 1e3, 2), tokens_per_s=round(s["mb"] * s["seq"] / med),
+                peak_gib=round(peak, 3), final_loss=round(float(loss), 4))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:  # one variant per fresh process: clean peak memory, no DeepSpeed state shared between variants
+        print(json.dumps(measure(a.child, a.gpu)))
+        return
+    res = {}
+    for v in ("naive", "distillery"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", v] + (["--gpu"] if a.gpu else [])
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"{v} failed:\n{p.stderr[-3000:]}")
+        res[v] = json.loads(p.stdout.strip().splitlines()[-1])
+        print(f"{v:<11} {res[v]['step_ms']:>10.1f} ms/step {res[v]['tokens_per_s']:>10,} tok/s "
+              f"peak {res[v]['peak_gib']:.2f} GiB{' (RSS)' if not a.gpu else ''}", flush=True)
+    n, d = res["naive"], res["distillery"]
+    print(json.dumps({"bench": "train_step", "device": "cuda" if a.gpu else "cpu", **shapes(a.gpu),
+                      "naive": n, "distillery": d,
+                      "tokens_per_s_ratio": round(d["tokens_per_s"] / n["tokens_per_s"], 3),
+                      "peak_mem_ratio": round(d["peak_gib"] / n["peak_gib"], 3)}))
+
+
+if __name__ == "__main__":
+    main()
