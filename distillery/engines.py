@@ -53,7 +53,7 @@ def student_ds_config(ds, cfg, world):
 def teacher_ds_config(ds, cfg):
     """Inference-only ZeRO-3: no optimizer, parameters partitioned across ranks (never replicated, trap 1), optional
     offload to CPU memory. Precision follows the student's engine config."""
-    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    zero = {"stage": 3}
     if cfg.teacher_offload:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     out = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "zero_optimization": zero,
