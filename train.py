@@ -15,10 +15,8 @@ a ZeRO engine; the frozen teacher is a ZeRO-3 inference engine in the same proce
 import argparse
 import contextlib
 import json
-import logging
 import math
 import os
-import socket
 import sys
 import time
 
@@ -34,6 +32,7 @@ from distillery import checkpoint
 from distillery.config import Config, ConfigError, load_config, save_config, to_dict
 from distillery.engines import (batch_layout, init_student, init_teacher, load_ds_config, student_ds_config,
                                 teacher_ds_config)
+from distillery.launch import init_distributed
 from distillery.loss import DIAG_KEYS, IGNORE_INDEX
 from distillery.models import build_student, check_model_dir, export_hf, load_pretrained, zero3_context
 from distillery.sampler import GlobalOrder
@@ -119,20 +118,6 @@ def needs_teacher(cfg, loss, total_steps):
 
 
 # ---------------------------------------------------------------------------- engines
-def setup_distributed():
-    if "RANK" not in os.environ:  # plain `python train.py`: a world of one, no launcher needed
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from deepspeed.utils import logger as ds_logger
-    ds_logger.setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return dist.get_rank(), dist.get_world_size()
-
-
 def build_engines(cfg, ds_base, index, total_steps, world, kd_vocab):
     ds_student = student_ds_config(ds_base, cfg, world)
     teacher = None
@@ -314,7 +299,7 @@ def main(argv=None):
         print(plugins.describe())
         return None
     cfg, ds_base, index, total_steps, loss, kd_vocab = resolve(args)
-    rank, world = setup_distributed()
+    rank, world = init_distributed()
     _, grad_accum = batch_layout(cfg, world)
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -129,14 +128,8 @@ def measure(variant, gpu):
     dev = "cuda" if gpu else "cpu"
     s = shapes(gpu)
     if variant == "distillery":
-        with socket.socket() as so:
-            so.bind(("127.0.0.1", 0))
-            port = so.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        if not gpu:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+        from distillery.launch import init_distributed
+        init_distributed()
     step = (run_distillery if variant == "distillery" else run_naive)(s, dev)
     bs = [b.to(dev) for b in batches(s)]
     sync = torch.cuda.synchronize if gpu else (lambda: None)

@@ -179,13 +179,11 @@ def zero3_worker(rank, world, port, job):
 def launch_zero3(job, world=2, port=None):
     """Spawn `world` gloo ranks running zero3_worker(job); returns the per-rank result dicts."""
     import json as _json
-    import socket
 
     import torch.multiprocessing as mp
     if port is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        from distillery.launch import free_port
+        port = free_port()
     os.makedirs(job["out"], exist_ok=True)
     mp.spawn(zero3_worker, args=(world, port, job), nprocs=world, join=True)
     res = []

@@ -22,12 +22,8 @@ import shlex
 import subprocess
 import sys
 
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from distillery.launch import free_port  # noqa: E402
 
 
 def points(grid):

@@ -67,10 +67,8 @@ def run_inprocess(data_dir, out_dir, *overrides, ds_config="ds_configs/cpu.json"
 
 def run_launcher(data_dir, out_dir, *overrides, nproc=2, ds_config="ds_configs/cpu.json", timeout=600):
     """The real entry point: the deepspeed launcher with nproc CPU ranks (gloo)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from distillery.launch import free_port
+    port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port),
            str(REPO / "train.py"), "--ds_config", str(REPO / ds_config), f"data={data_dir}", f"out_dir={out_dir}",
            *BASE, *overrides]

@@ -6,7 +6,6 @@ embedding. bf16: error against a float64 reference is measured and bounded (numb
 ZeRO-3: 2 ranks (gloo, CPU) == 1 process without DeepSpeed, marked slow (~30 s, spawns two DeepSpeed processes).
 """
 import os
-import socket
 import sys
 import time
 
@@ -284,9 +283,8 @@ def _zero3_worker(rank, world, port, out_path):
 def test_zero3_two_ranks_equal_one_process(tmp_path):
     pytest.importorskip("deepspeed")
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from distillery.launch import free_port
+    port = free_port()
     out_path = str(tmp_path / "zero3.pt")
     ctx = mp.spawn(_zero3_worker, args=(2, port, out_path), nprocs=2, join=False)
     deadline = time.time() + 240

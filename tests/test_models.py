@@ -48,16 +48,11 @@ def test_paper_preset_rejects_bigger_tokenizer():
 def test_zero3_init_matches_plain_init_distribution(tmp_path):
     """Built under HfDeepSpeedConfig (ZeRO-3), the gathered weights have the std transformers intends (0.02),
     not the std of a bare zero.Init construction."""
-    import os
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     import deepspeed
     import torch.distributed as dist
+    from distillery.launch import init_distributed
     if not dist.is_initialized():
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(s.getsockname()[1]))
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_distributed()
     from transformers import AutoModelForCausalLM
     cfg = hf_config("tiny-student", 2048, 128)
     torch.manual_seed(0)

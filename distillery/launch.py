@@ -1,0 +1,29 @@
+"""Process-group start-up shared by train.py, the benchmarks, the tests and the sweeps."""
+import logging
+import os
+import socket
+
+
+def free_port():
+    """A free TCP port on loopback for a rendezvous (DeepSpeed's default 29500 may be held by another job)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed():
+    """Join the process group the deepspeed launcher describes in the environment, or make a world of one when the
+    process was started without it (`python train.py`). Returns (rank, world_size)."""
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # instead of DeepSpeed's accelerator-probe warning
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import logger as ds_logger
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    ds_logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
