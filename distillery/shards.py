@@ -21,11 +21,12 @@ import os
 
 import numpy as np
 
+from distillery import atomic
+from distillery.errors import DataError  # noqa: F401  (raised here, imported from here by data_prep)
+
 FORMAT, VERSION = "distillery.shards", 1
 
 
-class DataError(ValueError):
-    """Bad or missing data: the message names the problem and the command that fixes it."""
 
 
 def dtype_for_vocab(vocab_size):
@@ -40,12 +41,7 @@ def vocab_hash(tokenizer):
 
 
 def atomic_write_json(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_json(path, obj)
 
 
 def sha256_file(path, bufsize=1 << 22):
@@ -60,12 +56,7 @@ def write_tokens(path, tokens, dtype):
     """Write one shard file under a temporary name, then rename: a killed writer never leaves a file that looks
     complete. Returns its index entry (without 'path')."""
     arr = np.ascontiguousarray(tokens, dtype=dtype)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(arr.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_bytes(path, arr.tobytes())
     return {"tokens": int(arr.size), "sha256": hashlib.sha256(arr.tobytes()).hexdigest()}
 
 
@@ -159,11 +150,101 @@ def load_stream(data_dir, split, verify=False):
 
 
 def verify_all(data_dir):
-    """Check every shard's size and checksum; raises DataError on the first bad one."""
+    """Check every shard's size, checksum and token ids (< vocab_size); raises DataError on the first bad one."""
     index = read_index(data_dir)
     for split in index["splits"]:
-        _open_files(data_dir, index, split, verify=True)
+        _open_files(data_dir, index, split, verify=False)  # presence and sizes first: the cheap, common faults
+        for entry in index["splits"][split]["files"]:
+            _check_file(data_dir, index, entry, checksum=True, vocab_size=index["vocab_size"])
     return index
+
+
+# ---------------------------------------------------------------------------- start-of-run checks
+def _max_id_error(path, mx, vocab_size):
+    return DataError(f"shard {path} holds token id {mx} >= vocab_size {vocab_size} (another tokenizer or corrupt "
+                     f"data); rebuild the data set with data_prep")
+
+
+def _check_file(data_dir, index, entry, checksum=True, vocab_size=None, bufsize=1 << 22):
+    """One pass over one shard: sha256 against the index and/or the largest token id. Returns its bytes."""
+    path = os.path.join(data_dir, entry["path"])
+    dtype = np.dtype(index["dtype"])
+    want = entry["tokens"] * dtype.itemsize
+    if not os.path.isfile(path):
+        raise DataError(f"shard {path} is missing; rebuild the data set with data_prep")
+    size = os.path.getsize(path)
+    if size != want:
+        raise DataError(f"shard {path} has {size} bytes, index says {want} (truncated or replaced); rebuild the "
+                        f"data set with data_prep")
+    if not size:
+        return 0
+    if not checksum:  # ids only: one vectorised max over the memory map
+        mx = int(np.memmap(path, dtype=dtype, mode="r").max())
+        if vocab_size is not None and mx >= vocab_size:
+            raise _max_id_error(path, mx, vocab_size)
+        return size
+    h, mx = hashlib.sha256(), 0
+    bufsize -= bufsize % dtype.itemsize
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+            if vocab_size is not None:
+                mx = max(mx, int(np.frombuffer(chunk, dtype=dtype).max()))
+    if h.hexdigest() != entry["sha256"]:
+        raise DataError(f"shard {path} fails its checksum (corrupt: changed or zeroed bytes); rebuild the data set "
+                        f"with data_prep")
+    if vocab_size is not None and mx >= vocab_size:
+        raise _max_id_error(path, mx, vocab_size)
+    return size
+
+
+def _run_checks(data_dir, split, checksum, vocab_size, distributed, workers):
+    index = read_index(data_dir)
+    splits = list(index["splits"]) if split is None else [split]
+    for s in splits:
+        if s not in index["splits"]:
+            raise DataError(f"data set {data_dir!r} has no split {s!r} (it has: {', '.join(index['splits'])}); "
+                            f"rebuild it with data_prep or pick another set")
+    entries = [e for s in splits for e in index["splits"][s]["files"]]
+    vocab = index["vocab_size"] if vocab_size is None else vocab_size
+    rank, world = 0, 1
+    if distributed:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+    mine = entries[rank::world]  # every rank reads a share of the files
+    err, nbytes = None, 0
+    try:
+        from concurrent.futures import ThreadPoolExecutor  # hashlib and numpy release the GIL on large buffers
+        with ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1)) as ex:
+            nbytes = sum(ex.map(lambda e: _check_file(data_dir, index, e, checksum, vocab), mine))
+    except DataError as e:
+        err = str(e)
+    if world > 1:  # the first problem found by any rank is raised on every rank (rank 0 prints it)
+        import torch.distributed as dist
+        found = [None] * world
+        dist.all_gather_object(found, (err, nbytes))
+        err = next((e for e, _ in found if e), None)
+        nbytes = sum(n for _, n in found)
+    if err:
+        raise DataError(err)
+    return nbytes
+
+
+def verify_split(data_dir, split="train", vocab_size=None, distributed=True, workers=None):
+    """Before the first step: every shard of `split` (None: every split) has the size and sha256 its index records,
+    and no token id >= vocab_size (default: the index's; checked in the same read). With a process group up, every
+    rank reads its share of the files and the first problem is raised on every rank, so call it on every rank (or
+    with distributed=False on one). One-line DataError naming the file and the fix. Returns the bytes read (all
+    ranks). Cost: a full read of the split (docs/reliability.md)."""
+    return _run_checks(data_dir, split, True, vocab_size, distributed, workers)
+
+
+def check_token_ids(data_dir, split=None, vocab_size=None, distributed=True, workers=None):
+    """Every shard of `split` (None: every split) holds only token ids < vocab_size (default: the index's; pass the
+    model's embedding rows to check against the model): a vectorised max over each memory-mapped file, no hashing.
+    Same rank sharing and errors as verify_split. Returns the bytes read (all ranks)."""
+    return _run_checks(data_dir, split, False, vocab_size, distributed, workers)
 
 
 def tokenizer_identity(tokenizer):

@@ -122,3 +122,70 @@ def test_verify_cli_prints_one_line(tmp_path, capsys):
     assert verify.main([data]) == 1
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and out.startswith("error: ") and "checksum" in out
+
+
+# ---------------------------------------------------------------------------- start-of-run checks (issue 9)
+def copy_of(data_dir, tmp_path):
+    """A private copy of the session's small offline data set (tests/conftest.py) to corrupt."""
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(data_dir, out)
+    return str(out)
+
+
+def rewrite_shard(data, rel, tokens):
+    """Replace a shard *and* its index entry (a consistent file with a valid checksum)."""
+    index = shards.read_index(data)
+    entry = shards.write_tokens(os.path.join(data, rel), tokens, index["dtype"])
+    for split in index["splits"].values():
+        for e in split["files"]:
+            if e["path"] == rel:
+                e.update(entry)
+    shards.atomic_write_json(os.path.join(data, "index.json"), index)
+
+
+def test_verify_split_passes_a_good_set_and_counts_bytes(data_dir):
+    index = shards.read_index(data_dir)
+    train_bytes = sum(e["tokens"] for e in index["splits"]["train"]["files"]) * np.dtype(index["dtype"]).itemsize
+    assert shards.verify_split(data_dir, "train") == train_bytes > 0
+    assert shards.verify_split(data_dir, None) > train_bytes  # every split
+    assert shards.check_token_ids(data_dir) > train_bytes
+
+
+def test_zeroed_bytes_inside_a_shard_fail_the_checksum(data_dir, tmp_path):
+    data = copy_of(data_dir, tmp_path)
+    rel = shards.read_index(data)["splits"]["train"]["files"][0]["path"]
+    p = os.path.join(data, rel)
+    with open(p, "r+b") as f:  # a hole of zeros (a lost page, a sparse-file crash): size and id range still fine
+        f.seek(os.path.getsize(p) // 2)
+        f.write(b"\0" * 4096)
+    shards.TokenRows(data)  # the cheap open does not see it ...
+    shards.check_token_ids(data)  # ... nor the id range (0 is a valid id) ...
+    one_line_error(lambda: shards.verify_split(data, "train"), rf"shard .*{rel} fails its checksum")  # ... this does
+    one_line_error(lambda: shards.verify_all(data), "fails its checksum")
+
+
+def test_token_id_out_of_vocab_is_caught_by_both_checks(data_dir, tmp_path):
+    data = copy_of(data_dir, tmp_path)
+    index = shards.read_index(data)
+    V, seq = index["vocab_size"], index["splits"]["train"]["seq_len"]
+    e = index["splits"]["train"]["files"][-1]
+    tokens = np.array(np.memmap(os.path.join(data, e["path"]), dtype=index["dtype"], mode="r"))
+    tokens[seq + 3] = V + 5  # written with another (larger) tokenizer: checksum consistent, ids not
+    rewrite_shard(data, e["path"], tokens)
+    msg = rf"shard .*{e['path']} holds token id {V + 5} >= vocab_size {V} .*; rebuild the data set with data_prep"
+    one_line_error(lambda: shards.check_token_ids(data, "train"), msg)
+    one_line_error(lambda: shards.verify_split(data, "train"), msg)
+    one_line_error(lambda: shards.verify_all(data), "holds token id")
+    shards.check_token_ids(data, "heldout")  # other splits are fine
+    shards.check_token_ids(data, "train", vocab_size=V + 6)  # a model with more embedding rows than the tokenizer
+
+
+def test_start_checks_report_size_and_missing_split(tmp_path):
+    data, _, _ = make_set(tmp_path)
+    one_line_error(lambda: shards.verify_split(data, "nope"), "no split 'nope'")
+    p = os.path.join(data, "train/00001.bin")
+    os.truncate(p, 0)
+    one_line_error(lambda: shards.check_token_ids(data), r"00001.bin has 0 bytes, index says \d+ \(truncated")
+    os.remove(p)
+    one_line_error(lambda: shards.verify_split(data), "00001.bin is missing")

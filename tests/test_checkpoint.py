@@ -1,0 +1,298 @@
+"""Checkpoint reliability: manifest, verification and fallback, keep_last, failed saves, world-size changes.
+
+A real one-rank ZeRO-3 DeepSpeed engine (a two-layer MLP, built once per module) saves through checkpoint.save;
+faults are injected into its files or into its checkpoint engine."""
+import errno
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from conftest import REPO, clean_env
+
+from distillery import checkpoint
+from distillery.errors import ConfigError, TrainingError
+
+
+def build_engine(world=1, universal=False):
+    import deepspeed
+    from distillery.launch import init_distributed
+    init_distributed()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ds = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+          "train_batch_size": 2 * world, "steps_per_print": 10 ** 9}
+    if universal:
+        ds["checkpoint"] = {"load_universal": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    return engine
+
+
+def train_step(engine, seed):
+    g = torch.Generator().manual_seed(seed)
+    loss = engine(torch.randn(2, 16, generator=g)).square().mean()
+    engine.backward(loss)
+    engine.step()
+
+
+def weights(engine):
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        return [p.detach().clone() for p in engine.module.parameters()]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = build_engine()
+    train_step(e, 0)
+    return e
+
+
+def cfg_for(tmp_path, **kw):
+    return types.SimpleNamespace(run_dir=str(tmp_path / "run"), resume="auto", save_interval=1, **kw)
+
+
+def save_steps(engine, cfg, steps, **kw):
+    return [checkpoint.save(engine, cfg, s, {"step": s}, **kw) for s in steps]
+
+
+def ckpts(cfg):
+    """What is in checkpoints/ besides DeepSpeed's recovery scripts (zero_to_fp32.py, ...)."""
+    return sorted(n for n in os.listdir(checkpoint.ckpt_dir(cfg)) if not n.endswith(".py"))
+
+
+def latest(cfg):
+    return open(os.path.join(checkpoint.ckpt_dir(cfg), "latest")).read()
+
+
+def biggest_file(path):
+    m = json.load(open(os.path.join(path, checkpoint.MANIFEST)))
+    return os.path.join(path, max(m["files"], key=lambda e: e["bytes"])["path"])
+
+
+def one_line(e):
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+# ---------------------------------------------------------------------------- manifest, verification, fallback
+def test_manifest_lists_every_file_with_size_sha_step_world(engine, tmp_path):
+    cfg = cfg_for(tmp_path)
+    path, = save_steps(engine, cfg, [3])
+    m = json.load(open(os.path.join(path, checkpoint.MANIFEST)))
+    assert m["step"] == 3 and m["world_size"] == 1
+    assert {e["path"] for e in m["files"]} == set(checkpoint.list_files(path)) and len(m["files"]) >= 2
+    for e in m["files"]:
+        p = os.path.join(path, e["path"])
+        assert e["bytes"] == os.path.getsize(p) > 0 and e["sha256"] == checkpoint.sha256_file(p)
+    assert checkpoint.verify(path) is None
+    assert checkpoint.find_resume(cfg) == (checkpoint.ckpt_dir(cfg), "step00000003")
+    assert not [n for n in os.listdir(checkpoint.ckpt_dir(cfg)) if n.startswith("tmp-")]
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("truncate", "truncated"), ("zero", "zero-length"), ("flip", "fails its sha256"),
+    ("no_manifest", "no manifest.json"), ("bad_manifest", "manifest.json is unreadable"),
+    ("delete_file", "is missing"), ("delete_dir", "does not exist")])
+def test_corrupt_newest_falls_back_to_newest_intact(engine, tmp_path, capsys, fault, reason):
+    cfg = cfg_for(tmp_path, keep_last=0)
+    _, mid, new = save_steps(engine, cfg, [1, 2, 3])
+    f = biggest_file(new)
+    if fault == "truncate":
+        os.truncate(f, os.path.getsize(f) // 2)
+    elif fault == "zero":
+        os.truncate(f, 0)
+    elif fault == "flip":
+        b = bytearray(open(f, "rb").read())
+        b[len(b) // 2] ^= 0xFF
+        open(f, "wb").write(bytes(b))
+    elif fault == "no_manifest":
+        os.remove(os.path.join(new, checkpoint.MANIFEST))
+    elif fault == "bad_manifest":
+        open(os.path.join(new, checkpoint.MANIFEST), "w").write('{"format": "distillery.check')
+    elif fault == "delete_file":
+        os.remove(f)
+    elif fault == "delete_dir":
+        import shutil
+        shutil.rmtree(new)
+    capsys.readouterr()
+    assert checkpoint.find_resume(cfg) == (checkpoint.ckpt_dir(cfg), "step00000002")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: checkpoint step00000003")
+    assert reason in err and "resuming from step00000002" in err
+    if fault == "flip":  # a flipped byte keeps the size: only the checksum sees it
+        assert checkpoint.verify(new, checksums=False) is None
+
+
+def test_none_intact_is_one_line_training_error(engine, tmp_path):
+    cfg = cfg_for(tmp_path, keep_last=0)
+    for p in save_steps(engine, cfg, [1, 2]):
+        os.truncate(biggest_file(p), 0)
+    with pytest.raises(TrainingError, match="no intact checkpoint to resume from.*step00000002.*zero-length.*"
+                                            "step00000001.*zero-length.*start over") as e:
+        checkpoint.find_resume(cfg)
+    one_line(e)
+
+
+def test_explicit_resume_path_is_verified_not_substituted(engine, tmp_path):
+    cfg = cfg_for(tmp_path, keep_last=0)
+    old, new = save_steps(engine, cfg, [1, 2])
+    cfg.resume = old
+    assert checkpoint.find_resume(cfg) == (checkpoint.ckpt_dir(cfg), "step00000001")
+    os.truncate(biggest_file(old), 10)
+    with pytest.raises(TrainingError, match=r"checkpoint .*step00000001 is not intact: .*truncated") as e:
+        checkpoint.find_resume(cfg)
+    one_line(e)
+    cfg.resume = str(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="is not a checkpoint directory"):
+        checkpoint.find_resume(cfg)
+
+
+def test_fresh_run_and_later_steps_than_latest(engine, tmp_path):
+    cfg = cfg_for(tmp_path, keep_last=0)
+    assert checkpoint.find_resume(cfg) is None  # no checkpoints directory yet
+    cfg.resume = ""
+    assert checkpoint.find_resume(cfg) is None
+    cfg.resume = "auto"
+    save_steps(engine, cfg, [1, 2, 3])
+    # an explicit resume from step 1 that then saved step 2 again: step 3 is an abandoned branch, never chosen
+    checkpoint.atomic.write_text(os.path.join(checkpoint.ckpt_dir(cfg), "latest"), "step00000002")
+    assert checkpoint.find_resume(cfg)[1] == "step00000002"
+    # without a readable `latest`, the newest intact checkpoint
+    os.remove(os.path.join(checkpoint.ckpt_dir(cfg), "latest"))
+    assert checkpoint.find_resume(cfg)[1] == "step00000003"
+
+
+def test_load_restores_engine_and_checks_manifest(engine, tmp_path):
+    cfg = cfg_for(tmp_path)
+    train_step(engine, 1)
+    path, = save_steps(engine, cfg, [7])
+    want = weights(engine)
+    fresh = build_engine()
+    client = checkpoint.load(fresh, cfg, checkpoint.find_resume(cfg))
+    assert client["step"] == 7
+    assert all(torch.equal(a, b) for a, b in zip(want, weights(fresh)))
+    os.truncate(biggest_file(path), 1)
+    with pytest.raises(TrainingError, match="not intact: .*truncated"):
+        checkpoint.load(fresh, cfg, (checkpoint.ckpt_dir(cfg), "step00000007"))
+
+
+# ---------------------------------------------------------------------------- keep_last
+def test_keep_last_prunes_after_commit_never_latest(engine, tmp_path):
+    cfg = cfg_for(tmp_path)  # no keep_last attribute: the default
+    save_steps(engine, cfg, [1, 2, 3, 4, 5])
+    assert ckpts(cfg) == ["latest", "step00000003", "step00000004", "step00000005"] and checkpoint.KEEP_LAST == 3
+    assert latest(cfg) == "step00000005"
+    save_steps(engine, cfg, [6], keep_last=1)
+    assert ckpts(cfg) == ["latest", "step00000006"]
+    cfg.keep_last = 0  # keep all
+    save_steps(engine, cfg, [7, 8])
+    assert ckpts(cfg) == ["latest", "step00000006", "step00000007", "step00000008"]
+
+
+def test_prune_keeps_latest_unmanifested_and_later_branches(tmp_path):
+    d = tmp_path / "checkpoints"
+    for s in (1, 2, 3, 4, 9):
+        (d / f"step{s:08d}").mkdir(parents=True)
+        (d / f"step{s:08d}" / "f").write_text("x")
+        if s != 1:  # step 1: saved before manifests existed
+            checkpoint.write_manifest(str(d / f"step{s:08d}"), s, 1)
+    checkpoint.atomic.write_text(str(d / "latest"), "step00000004")
+    assert checkpoint.prune(str(d), 1) == ["step00000003", "step00000002"]
+    assert sorted(os.listdir(d)) == ["latest", "step00000001", "step00000004", "step00000009"]
+    os.remove(d / "latest")
+    assert checkpoint.prune(str(d), 1) == []  # nothing is pruned without a committed `latest`
+
+
+# ---------------------------------------------------------------------------- failed saves
+@pytest.mark.parametrize("partial", [False, True])
+def test_enospc_save_is_one_line_and_keeps_previous(engine, tmp_path, monkeypatch, partial):
+    cfg = cfg_for(tmp_path)
+    good, = save_steps(engine, cfg, [1])
+    real = engine.checkpoint_engine.save
+
+    def full_disk(state_dict, path):
+        if partial:  # DeepSpeed's own save path wrote part of a file before the disk filled up
+            real(state_dict, path)
+            os.truncate(path, os.path.getsize(path) // 3)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    if partial:
+        monkeypatch.setattr(engine.checkpoint_engine, "save", full_disk)
+    else:
+        monkeypatch.setattr(engine, "save_checkpoint",
+                            lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(TrainingError, match=r"checkpoint step00000002 not saved: no space left on .*checkpoints; "
+                                            r"free space.*step00000001 and `latest` are untouched") as e:
+        checkpoint.save(engine, cfg, 2, {"step": 2})
+    one_line(e)
+    assert ckpts(cfg) == ["latest", "step00000001"] and latest(cfg) == "step00000001"  # no tmp-* left
+    assert checkpoint.find_resume(cfg)[1] == "step00000001" and checkpoint.verify(good) is None
+
+
+def test_other_oserror_and_failure_while_committing(engine, tmp_path, monkeypatch):
+    cfg = cfg_for(tmp_path)
+    save_steps(engine, cfg, [1])
+    monkeypatch.setattr(engine, "save_checkpoint",
+                        lambda *a, **k: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied",
+                                                                              "/x/y")))
+    with pytest.raises(TrainingError, match=r"cannot write .*: Permission denied \(/x/y\); fix the directory"):
+        checkpoint.save(engine, cfg, 2, {"step": 2})
+    monkeypatch.undo()
+    # the disk fills up while `latest` is written: the renamed step00000002 is removed again, latest unchanged
+    real = checkpoint.atomic.write_text
+
+    def fail_latest(path, text):
+        if os.path.basename(path) == "latest":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, text)
+    monkeypatch.setattr(checkpoint.atomic, "write_text", fail_latest)
+    with pytest.raises(TrainingError, match="no space left"):
+        checkpoint.save(engine, cfg, 2, {"step": 2})
+    assert ckpts(cfg) == ["latest", "step00000001"] and latest(cfg) == "step00000001"
+
+
+def test_leftover_tmp_dirs_never_break_resume(engine, tmp_path):
+    cfg = cfg_for(tmp_path)
+    d = checkpoint.ckpt_dir(cfg)
+    os.makedirs(os.path.join(d, "tmp-step00000001"))  # a first save killed: no checkpoint yet -> fresh start
+    open(os.path.join(d, "tmp-step00000001", "zero_pp_rank_0_mp_rank_00_model_states.pt"), "wb").write(b"\0" * 9)
+    assert checkpoint.find_resume(cfg) is None
+    save_steps(engine, cfg, [1])
+    os.makedirs(os.path.join(d, "tmp-step00000002"))  # a later save killed: resume from the last complete one
+    os.makedirs(os.path.join(d, "tmp-prune-step00000000"))
+    assert checkpoint.find_resume(cfg)[1] == "step00000001"
+    save_steps(engine, cfg, [3])  # the next save sweeps the leftovers
+    assert ckpts(cfg) == ["latest", "step00000001", "step00000003"]
+
+
+# ---------------------------------------------------------------------------- world size
+def test_world_size_change_is_refused_before_loading(engine, tmp_path):
+    cfg = cfg_for(tmp_path)
+    path, = save_steps(engine, cfg, [1])
+    m = json.load(open(os.path.join(path, checkpoint.MANIFEST)))
+    checkpoint.atomic.write_json(os.path.join(path, checkpoint.MANIFEST), dict(m, world_size=8))
+    calls = []
+    fake = types.SimpleNamespace(dp_world_size=1, load_checkpoint=lambda *a, **k: calls.append(a))
+    with pytest.raises(ConfigError, match=r"saved by 8 ranks, this run has 1: .*resume with 8 ranks, or convert "
+                                          r"it: python -m distillery.checkpoint --to-universal") as e:
+        checkpoint.load(fake, cfg, (checkpoint.ckpt_dir(cfg), "step00000001"))
+    one_line(e)
+    assert calls == []  # nothing was loaded
+
+
+def test_verify_cli(engine, tmp_path, capsys):
+    cfg = cfg_for(tmp_path, keep_last=0)
+    a, b = save_steps(engine, cfg, [1, 2])
+    os.truncate(biggest_file(a), 0)
+    assert checkpoint.main([checkpoint.ckpt_dir(cfg)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ok: step00000002") and out[1].startswith("BAD: step00000001: ")
+    os.remove(os.path.join(b, checkpoint.MANIFEST))  # a pre-manifest checkpoint is adopted by hand
+    assert checkpoint.verify(b) is not None
+    assert checkpoint.main(["--adopt", b]) == 0 and checkpoint.verify(b) is None
+    assert json.load(open(os.path.join(b, checkpoint.MANIFEST)))["world_size"] == 1
