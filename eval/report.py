@@ -1,0 +1,597 @@
+"""Grid report: PPL change of distilled students vs their token-matched and compute-matched baselines, paired by
+seed, per teacher and alpha; best alpha per teacher; gain vs teacher size and teacher tokens; in-domain vs
+out-of-domain gain; entropy change vs PPL change. Writes report.md, report.csv, students.csv and PNG plots.
+
+    python -m eval.report runs/grid/a runs/grid/b ... --out reports/grid
+    python -m eval.report --glob 'runs/grid-*' --out reports/grid      # a glob of run directories
+    python -m eval.report runs/alpha --out reports/alpha                # a scripts/sweep.py sweep: its run subdirs
+
+Roles, from each run's config.yaml:
+  * compute-matched baseline: `compute_match` is set (non-empty): it names the distilled run whose FLOPs it matches
+    (that run's config `name`, its run directory, or the directory's basename). It serves every distilled run with
+    the same teacher, student, student_init and train_tokens as the named one, paired by its own seed; one naming a
+    run of the same alpha is preferred (alpha does not change a run's FLOPs, the teacher does).
+  * token-matched baseline: alpha == 0 and no compute_match. Paired with distilled runs of the same seed, student,
+    student_init and train_tokens.
+  * distilled: every other run, grouped by (teacher, alpha) (+ any `--by` config keys, e.g. --by temperature).
+PPL change % per seed = (PPL_distilled / PPL_baseline(same seed) - 1) x 100; reported as mean and standard error
+(sample std / sqrt(n), blank for n < 2) over seeds. "ood_mean" is, per seed, the mean change over every eval set but
+the in-domain one (`--in-domain`, default heldout), then mean +- s.e. over seeds.
+Final numbers: <run>/eval/final.json ("ppl": {set: {"ppl" | "ce"}}) when present, else the last eval record of
+metrics.jsonl ("eval/<set>/ppl", or exp of "eval/<set>/loss"). Entropy: the last "entropy/student" of metrics.jsonl.
+Compute: the last "compute/total_flops" of metrics.jsonl. Teacher size: parameters of <teacher>/config.json; teacher
+tokens: <teacher>/distillery_compute.json "tokens", else the train_tokens of <teacher>/distillery_config.yaml.
+See docs/compute.md.
+"""
+import argparse
+import csv
+import glob
+import io
+import json
+import math
+import os
+import sys
+
+import yaml
+
+from distillery import flops
+from distillery.atomic import atomic_path, read_jsonl, write_text
+from distillery.errors import ConfigError, EvalError, cli
+
+MATCH_KEYS = ("student", "student_init", "train_tokens")  # what a baseline must share with the run it is paired to
+CSV_COLUMNS = ["reference", "teacher", "teacher_name", "alpha", "group", "teacher_params", "teacher_tokens",
+               "teacher_pretrain_flops", "eval_set", "domain", "n", "seeds", "ppl_mean", "ref_ppl_mean",
+               "ppl_change_pct_mean", "ppl_change_pct_se", "flops_mean", "ref_flops_mean"]
+REFS = {"token": "token-matched baseline", "compute": "compute-matched baseline"}
+ROLES = {"distilled": "distilled", "token": "token-matched", "compute": "compute-matched"}
+OOD = "ood_mean"
+
+
+# ---------------------------------------------------------------------------- reading runs
+def mean_se(xs):
+    """(mean, standard error = sample std / sqrt(n)); s.e. is NaN for n < 2."""
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return m, float("nan")
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
+
+
+def _is_run(d):
+    return os.path.isfile(os.path.join(d, "config.yaml")) or os.path.isfile(os.path.join(d, "metrics.jsonl"))
+
+
+def collect_run_dirs(paths=(), globs=()):
+    """Run directories from explicit paths (a directory holding run subdirs, e.g. a sweep's, expands to them) and
+    glob patterns (directories only). Sorted, deduplicated."""
+    out = []
+    for pat in globs:
+        hits = [p for p in sorted(glob.glob(pat)) if os.path.isdir(p)]
+        if not hits:
+            raise EvalError(f"--glob {pat!r} matches no directory; quote it and check the path (e.g. 'runs/grid-*')")
+        for p in hits:
+            out += [p] if _is_run(p) else _subruns(p) or [p]  # a non-run hit fails in load_run with its reason
+    for p in paths:
+        if not os.path.isdir(p):
+            raise EvalError(f"run directory {p!r} does not exist; give runs/<name> directories")
+        out += [p] if _is_run(p) else _subruns(p) or [p]
+    if not out:
+        raise EvalError("no run directories given; pass run dirs and/or --glob 'runs/<sweep>/*'")
+    seen, uniq = set(), []
+    for p in out:
+        k = os.path.realpath(p)
+        if k not in seen:
+            seen.add(k)
+            uniq.append(p)
+    return uniq
+
+
+def _subruns(d):
+    subs = sorted(os.path.join(d, s) for s in os.listdir(d))
+    return [s for s in subs if os.path.isdir(s) and _is_run(s)]
+
+
+def final_ppl(run_dir, records):
+    """({set: ppl}, source) from eval/final.json, else the last eval record of metrics.jsonl; ({}, None) if none."""
+    fj = os.path.join(run_dir, "eval", "final.json")
+    if os.path.isfile(fj):
+        try:
+            with open(fj) as f:
+                sets = (json.load(f) or {}).get("ppl") or {}
+        except (json.JSONDecodeError, AttributeError):
+            raise EvalError(f"{fj} is not a final-eval JSON; delete it to use metrics.jsonl's last eval") from None
+        out = {s: float(v["ppl"]) if "ppl" in v else math.exp(v["ce"]) for s, v in sets.items()
+               if isinstance(v, dict) and ("ppl" in v or "ce" in v)}
+        if out:
+            return out, "eval/final.json"
+    for r in reversed(records):
+        ev = {}
+        for k, v in r.items():
+            parts = k.split("/")
+            if len(parts) == 3 and parts[0] == "eval" and parts[2] in ("ppl", "loss") and v is not None:
+                ppl = float(v) if parts[2] == "ppl" else math.exp(v)
+                ev[parts[1]] = ev.get(parts[1], ppl) if parts[2] == "loss" else ppl  # an explicit ppl wins
+        if ev:
+            return ev, "metrics.jsonl"
+    return {}, None
+
+
+def _last(records, key):
+    for r in reversed(records):
+        if r.get(key) is not None:
+            return r
+    return None
+
+
+def load_run(run_dir):
+    """One run: its config, role, final PPL per eval set, last entropy/student, last compute/* record."""
+    cfg_path, met_path = os.path.join(run_dir, "config.yaml"), os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(met_path):
+        raise EvalError(f"{run_dir} has no metrics.jsonl; train that run first or leave it out")
+    if not os.path.isfile(cfg_path):
+        raise EvalError(f"{run_dir} has no config.yaml (the trainer writes the resolved config there); "
+                        f"is it a Distillery run directory?")
+    with open(cfg_path) as f:
+        cfg = yaml.safe_load(f)
+    if not isinstance(cfg, dict) or "alpha" not in cfg:
+        raise EvalError(f"{cfg_path} has no alpha; give the resolved config the trainer wrote")
+    records = read_jsonl(met_path)
+    ppl, source = final_ppl(run_dir, records)
+    ent = _last(records, "entropy/student")
+    comp = _last(records, "compute/total_flops")
+    alpha = float(cfg["alpha"])
+    cm = cfg.get("compute_match")
+    role = "compute" if cm not in (None, "", False) else "token" if alpha == 0 else "distilled"
+    return {"dir": run_dir, "cfg": cfg, "name": str(cfg.get("name") or os.path.basename(run_dir.rstrip("/"))),
+            "role": role, "alpha": alpha, "seed": cfg.get("seed"), "teacher": str(cfg.get("teacher") or ""),
+            "compute_match": cm, "ppl": ppl, "source": source,
+            "entropy": None if ent is None else float(ent["entropy/student"]),
+            "flops": None if comp is None else float(comp["compute/total_flops"])}
+
+
+def teacher_dir(run, roots=()):
+    """The teacher's export directory: absolute, else relative to the current directory, the run's launch
+    directory (the run dir with its out_dir/name stripped) or a --teacher-root."""
+    t = run["teacher"]
+    if not t:
+        return None
+    if os.path.isabs(t):
+        return t if os.path.isdir(t) else None
+    cands = [t]
+    cfg = run["cfg"]
+    tail = os.path.normpath(os.path.join(str(cfg.get("out_dir") or "runs"), str(cfg.get("name") or "")))
+    rd = os.path.normpath(os.path.abspath(run["dir"]))
+    if rd.endswith(os.sep + tail):
+        cands.append(os.path.join(rd[: -len(tail) - 1], t))
+    cands += [os.path.join(r, t) for r in roots]
+    return next((c for c in cands if os.path.isdir(c)), None)
+
+
+def teacher_info(path, notes):
+    """{params, tokens, pretrain_flops} of a teacher export (None where unknown)."""
+    info = {"params": None, "tokens": None, "pretrain_flops": None}
+    if path is None:
+        return info
+    try:
+        info["params"] = flops.param_counts(path)["total"]
+    except ConfigError as e:
+        notes.append(f"teacher {path}: parameter count unknown ({e})")
+    rec = flops.read_export_compute(path)
+    if rec is not None:
+        info["tokens"], info["pretrain_flops"] = rec["tokens"], rec["flops"]["total"]
+    else:
+        yml = os.path.join(path, "distillery_config.yaml")
+        if os.path.isfile(yml):
+            with open(yml) as f:
+                tc = yaml.safe_load(f) or {}
+            tokens = tc.get("train_tokens")
+            tps = int(tc.get("global_batch_size") or 0) * int(tc.get("seq_len") or 0)
+            if tokens and tps:  # what the trainer actually ran: whole steps, capped by max_steps
+                steps = tokens // tps
+                steps = min(steps, tc["max_steps"]) if tc.get("max_steps") else steps
+                tokens = steps * tps
+            info["tokens"] = tokens
+    return info
+
+
+def teacher_label(path):
+    """runs/teacher-0.7b/export -> teacher-0.7b (the run's name); otherwise the directory's basename."""
+    p = os.path.normpath(path) if path else "-"
+    return os.path.basename(os.path.dirname(p)) if os.path.basename(p) == "export" else os.path.basename(p)
+
+
+# ---------------------------------------------------------------------------- pairing
+def _match_key(run):
+    return tuple(run["cfg"].get(k) for k in MATCH_KEYS)
+
+
+def _dup_error(what, a, b):
+    diff = sorted(k for k in set(a["cfg"]) | set(b["cfg"])
+                  if k not in ("name", "out_dir") and a["cfg"].get(k) != b["cfg"].get(k))
+    hint = f"they differ in {', '.join(diff)}: add --by <key>" if diff else "they are the same run twice"
+    return EvalError(f"two {what} for the same seed: {a['dir']} and {b['dir']}; {hint}, or pass only one")
+
+
+def pair_runs(runs, by=()):
+    """groups {group_key: {seed: distilled run}}, token_ref {dir: baseline}, compute_ref {dir: baseline}, notes."""
+    notes, groups = [], {}
+    distilled = [r for r in runs if r["role"] == "distilled"]
+    for r in distilled:
+        key = (r["teacher"], r["alpha"], *(r["cfg"].get(k) for k in by))
+        seeds = groups.setdefault(key, {})
+        if r["seed"] in seeds:
+            raise _dup_error(f"distilled runs with teacher {r['teacher']} alpha {r['alpha']}", seeds[r["seed"]], r)
+        seeds[r["seed"]] = r
+    token = {}
+    for b in (r for r in runs if r["role"] == "token"):
+        k = (b["seed"], _match_key(b))
+        if k in token:
+            raise _dup_error("token-matched (alpha = 0) baselines", token[k], b)
+        token[k] = b
+    by_name = {}
+    for r in distilled:
+        for alias in {r["name"], os.path.normpath(r["dir"]), os.path.realpath(r["dir"]),
+                      os.path.basename(os.path.normpath(r["dir"]))}:
+            by_name.setdefault(alias, []).append(r)
+    compute = {}  # (teacher, match key, seed) -> [(named alpha, baseline)]
+    for b in (r for r in runs if r["role"] == "compute"):
+        cm = str(b["compute_match"])
+        named = by_name.get(cm) or by_name.get(os.path.normpath(cm)) or by_name.get(os.path.realpath(cm))
+        if not named:
+            notes.append(f"compute-matched baseline {b['dir']} names {cm!r}, which is not among the given distilled "
+                         f"runs; pass that run too")
+            continue
+        n = named[0]
+        compute.setdefault((n["teacher"], _match_key(n), b["seed"]), []).append((n["alpha"], b))
+    token_ref, compute_ref = {}, {}
+    for r in distilled:
+        b = token.get((r["seed"], _match_key(r)))
+        if b is not None:
+            token_ref[r["dir"]] = b
+        cands = compute.get((r["teacher"], _match_key(r), r["seed"]), [])
+        exact = [b for a, b in cands if a == r["alpha"]]
+        if len(exact) > 1:
+            raise _dup_error(f"compute-matched baselines for teacher {r['teacher']} alpha {r['alpha']}", *exact[:2])
+        if exact or cands:
+            compute_ref[r["dir"]] = (exact or sorted((b for _, b in cands), key=lambda b: b["dir"]))[0]
+    unpaired = [r["dir"] for r in distilled if r["dir"] not in token_ref and r["dir"] not in compute_ref]
+    if unpaired:
+        notes.append(f"no baseline of the same seed, student and train_tokens for: {', '.join(unpaired)}")
+    return groups, token_ref, compute_ref, notes
+
+
+# ---------------------------------------------------------------------------- numbers
+def summarize(runs, in_domain="heldout", by=(), teacher_roots=()):
+    """Everything the report shows, as plain data."""
+    notes = []
+    for r in runs:
+        if not r["ppl"]:
+            notes.append(f"{r['dir']}: no evaluation yet (no eval/final.json, no eval record); left out")
+    runs = [r for r in runs if r["ppl"]]
+    if not any(r["role"] == "distilled" for r in runs):
+        raise EvalError(f"no distilled run (alpha > 0) with an evaluation among {len(runs)} evaluated runs; "
+                        f"add the distilled runs of the grid")
+    if not any(r["role"] in ("token", "compute") for r in runs):
+        raise EvalError("no baseline among the runs: add the alpha = 0 runs (token-matched) or runs with "
+                        "compute_match set (compute-matched)")
+    groups, token_ref, compute_ref, pair_notes = pair_runs(runs, by)
+    notes += pair_notes
+    teachers = {}
+    for key, seeds in groups.items():
+        r = next(iter(seeds.values()))
+        if key[0] not in teachers:
+            path = teacher_dir(r, teacher_roots)
+            if path is None and key[0]:
+                notes.append(f"teacher {key[0]!r} not found from the runs' directories or --teacher-root; its size, "
+                             f"tokens and pretraining FLOPs are left blank")
+            teachers[key[0]] = {"path": path, "name": teacher_label(key[0]), **teacher_info(path, notes)}
+    rows, per_student = [], []
+    for ref_kind, refs in (("token", token_ref), ("compute", compute_ref)):
+        for key, seeds in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], *map(str, kv[0][2:]))):
+            pairs = [(s, seeds[s], refs[seeds[s]["dir"]]) for s in sorted(seeds, key=_seed_order)
+                     if seeds[s]["dir"] in refs]
+            if not pairs:
+                continue
+            sets = sorted(set.intersection(*(set(d["ppl"]) & set(b["ppl"]) for _, d, b in pairs)))
+            ch = {s: [100 * (d["ppl"][s] / b["ppl"][s] - 1) for _, d, b in pairs] for s in sets}
+            ood = [s for s in sets if s != in_domain]
+            if ood:
+                ch[OOD] = [sum(ch[s][i] for s in ood) / len(ood) for i in range(len(pairs))]
+            fl = [d["flops"] for _, d, _ in pairs if d["flops"] is not None]
+            rfl = [b["flops"] for _, _, b in pairs if b["flops"] is not None]
+            t = teachers[key[0]]
+            for s in sets + ([OOD] if ood else []):
+                m, se = mean_se(ch[s])
+                rows.append({
+                    "reference": ref_kind, "teacher": key[0], "teacher_name": t["name"], "alpha": key[1],
+                    "group": _group_label(key, by), "by": dict(zip(by, key[2:])), "teacher_params": t["params"],
+                    "teacher_tokens": t["tokens"], "teacher_pretrain_flops": t["pretrain_flops"], "eval_set": s,
+                    "domain": "in" if s == in_domain else "out", "n": len(pairs),
+                    "seeds": " ".join(str(p[0]) for p in pairs),
+                    "ppl_mean": None if s == OOD else sum(d["ppl"][s] for _, d, _ in pairs) / len(pairs),
+                    "ref_ppl_mean": None if s == OOD else sum(b["ppl"][s] for _, _, b in pairs) / len(pairs),
+                    "ppl_change_pct_mean": m, "ppl_change_pct_se": se, "changes": ch[s],
+                    "flops_mean": sum(fl) / len(fl) if len(fl) == len(pairs) else None,
+                    "ref_flops_mean": sum(rfl) / len(rfl) if len(rfl) == len(pairs) else None})
+            if ref_kind == "token":
+                for i, (seed, d, b) in enumerate(pairs):
+                    per_student.append({"run": d["dir"], "group": _group_label(key, by), "seed": seed,
+                                        "entropy_change": None if d["entropy"] is None or b["entropy"] is None
+                                        else d["entropy"] - b["entropy"],
+                                        "entropy": d["entropy"], "baseline_entropy": b["entropy"],
+                                        **{f"change/{s}": ch[s][i] for s in ch}})
+    return {"runs": runs, "rows": rows, "students": per_student, "teachers": teachers, "notes": notes,
+            "in_domain": in_domain, "by": list(by), "token_ref": token_ref, "compute_ref": compute_ref,
+            "best_alpha": best_alpha(rows)}
+
+
+def _seed_order(s):
+    return (0, s, "") if isinstance(s, int) else (1, 0, str(s))
+
+
+def _group_label(key, by):
+    extra = "".join(f" {k}={v}" for k, v in zip(by, key[2:]))
+    return f"{teacher_label(key[0])} a={key[1]:g}{extra}"
+
+
+def best_alpha(rows):
+    """{reference: {(teacher, by values): {eval_set: (alpha, mean change)}}}: the alpha with the lowest mean PPL
+    change (largest gain) per teacher and eval set."""
+    out = {}
+    for r in rows:
+        t = out.setdefault(r["reference"], {}).setdefault((r["teacher"], *r["by"].values()), {})
+        cur = t.get(r["eval_set"])
+        if cur is None or r["ppl_change_pct_mean"] < cur[1]:
+            t[r["eval_set"]] = (r["alpha"], r["ppl_change_pct_mean"])
+    return out
+
+
+# ---------------------------------------------------------------------------- output
+def _fmt_pm(m, se, n):
+    return f"{m:+.2f}" + ("" if math.isnan(se) else f" ± {se:.2f}") + f" (n={n})"
+
+
+def _num(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.10g}" if isinstance(v, float) else str(v)
+
+
+def write_csv(path, rows):
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+        w.writerow([_num(r[c]) for c in CSV_COLUMNS])
+    write_text(path, buf.getvalue())
+
+
+def write_students_csv(path, summary):
+    cols = ["run", "role", "name", "teacher", "alpha", "seed", "source", "entropy_student", "total_flops"]
+    sets = sorted({s for r in summary["runs"] for s in r["ppl"]})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(cols + [f"ppl/{s}" for s in sets])
+    for r in summary["runs"]:
+        w.writerow([r["dir"], ROLES[r["role"]], r["name"], r["teacher"] if r["role"] == "distilled" else "", r["alpha"],
+                    r["seed"], r["source"], _num(r["entropy"]), _num(r["flops"])]
+                   + [_num(r["ppl"].get(s)) for s in sets])
+    write_text(path, buf.getvalue())
+
+
+def _savefig(fig, path):
+    # atomic: a reader never sees half a PNG; format given explicitly since the temporary name has no .png suffix
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def plots(summary, out):
+    """Write the PNGs; returns {name: file} of those written (a plot without data is skipped)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = {}
+    rows = summary["rows"]
+    for ref in REFS:
+        rs = [r for r in rows if r["reference"] == ref]
+        if not rs:
+            continue
+        sets = sorted({r["eval_set"] for r in rs}, key=lambda s: (s == OOD, s != summary["in_domain"], s))
+        groups = list(dict.fromkeys(r["group"] for r in rs))
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(sets) * len(groups) + 2), 4))
+        width = 0.8 / len(groups)
+        for i, g in enumerate(groups):
+            cell = {r["eval_set"]: r for r in rs if r["group"] == g}
+            ys = [cell[s]["ppl_change_pct_mean"] if s in cell else float("nan") for s in sets]
+            es = [0 if s not in cell or math.isnan(cell[s]["ppl_change_pct_se"]) else cell[s]["ppl_change_pct_se"]
+                  for s in sets]
+            ax.bar([j + i * width for j in range(len(sets))], ys, width, yerr=es, capsize=3, label=g)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xticks([j + width * (len(groups) - 1) / 2 for j in range(len(sets))], sets)
+        ax.set(ylabel=f"PPL change % vs {REFS[ref]}", title=f"PPL change vs {REFS[ref]} (mean ± s.e. over seeds)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written[f"ppl_change_{ref}"] = f"ppl_change_{ref}.png"
+        _savefig(fig, os.path.join(out, written[f"ppl_change_{ref}"]))
+        plt.close(fig)
+    tok = [r for r in rows if r["reference"] == "token"]
+    panels = [s for s in (summary["in_domain"], OOD) if any(r["eval_set"] == s for r in tok)]
+    for axis, label in (("teacher_params", "teacher parameters"), ("teacher_tokens", "teacher training tokens")):
+        rs = [r for r in tok if r[axis] and r["eval_set"] in panels]
+        if not rs:
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+        for ax, s in zip(axes[0], panels):
+            for a in sorted({r["alpha"] for r in rs}):
+                pts = sorted((r[axis], r["ppl_change_pct_mean"], r["ppl_change_pct_se"]) for r in rs
+                             if r["eval_set"] == s and r["alpha"] == a)
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                            yerr=[0 if math.isnan(p[2]) else p[2] for p in pts], marker="o", capsize=3,
+                            label=f"alpha={a:g}")
+            ax.set_xscale("log")
+            ax.axhline(0, color="k", lw=0.5)
+            ax.set(xlabel=label, ylabel="PPL change % vs token-matched baseline", title=s)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        name = "gain_vs_" + axis
+        written[name] = name + ".png"
+        _savefig(fig, os.path.join(out, written[name]))
+        plt.close(fig)
+    ind = {r["group"]: r for r in tok if r["eval_set"] == summary["in_domain"]}
+    ood = {r["group"]: r for r in tok if r["eval_set"] == OOD}
+    both = [g for g in ind if g in ood]
+    if both:
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        for g in both:
+            a, b = ind[g], ood[g]
+            ax.errorbar(a["ppl_change_pct_mean"], b["ppl_change_pct_mean"],
+                        xerr=0 if math.isnan(a["ppl_change_pct_se"]) else a["ppl_change_pct_se"],
+                        yerr=0 if math.isnan(b["ppl_change_pct_se"]) else b["ppl_change_pct_se"],
+                        marker="o", capsize=3, label=g)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.axvline(0, color="k", lw=0.5)
+        ax.set(xlabel=f"in-domain ({summary['in_domain']}) PPL change %", ylabel="out-of-domain (mean) PPL change %",
+               title="in-domain vs out-of-domain (vs token-matched baseline)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written["domain_gain"] = "domain_gain.png"
+        _savefig(fig, os.path.join(out, written["domain_gain"]))
+        plt.close(fig)
+    st = summary["students"]
+    if st and all(s["entropy_change"] is not None for s in st):
+        key = f"change/{OOD}" if f"change/{OOD}" in st[0] else f"change/{summary['in_domain']}"
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        for g in dict.fromkeys(s["group"] for s in st):
+            pts = [(s["entropy_change"], s.get(key)) for s in st if s["group"] == g and s.get(key) is not None]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=g)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.axvline(0, color="k", lw=0.5)
+        ax.set(xlabel="entropy change (nats, student - baseline, last logged entropy/student)",
+               ylabel=f"PPL change % ({key.split('/', 1)[1]})", title="entropy vs PPL change, one point per student")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written["entropy_vs_ppl"] = "entropy_vs_ppl.png"
+        _savefig(fig, os.path.join(out, written["entropy_vs_ppl"]))
+        plt.close(fig)
+    return written
+
+
+def _table(header, body):
+    return "\n".join(["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(str(c) for c in row) + " |" for row in body]) + "\n"
+
+
+def markdown(summary, figs):
+    rows, ind = summary["rows"], summary["in_domain"]
+    out = ["# Distillation grid report\n",
+           f"{len(summary['runs'])} evaluated runs: "
+           + ", ".join(f"{sum(r['role'] == k for r in summary['runs'])} {v}" for k, v in
+                       (("distilled", "distilled"), ("token", "token-matched baselines (alpha = 0)"),
+                        ("compute", "compute-matched baselines (compute_match)"))) + ".\n",
+           "PPL change % = (PPL_distilled / PPL_baseline - 1) x 100 for each seed against the baseline of the same "
+           "seed, then mean ± standard error (sample std / sqrt(n)) over seeds; negative is better. "
+           f"`{OOD}`: per seed, the mean change over every eval set but `{ind}`.\n"]
+    for ref, title in REFS.items():
+        rs = [r for r in rows if r["reference"] == ref]
+        out.append(f"\n## PPL change vs {title}\n")
+        if not rs:
+            out.append("No distilled run has one." + (" Compute-matched baselines are runs whose config sets "
+                                                      "`compute_match` to the distilled run they match.\n"
+                                                      if ref == "compute" else "\n"))
+            continue
+        sets = sorted({r["eval_set"] for r in rs}, key=lambda s: (s == OOD, s != ind, s))
+        groups = list(dict.fromkeys(r["group"] for r in rs))
+        cells = {(r["group"], r["eval_set"]): r for r in rs}
+        body = []
+        for g in groups:
+            any_r = next(r for r in rs if r["group"] == g)
+            body.append([g] + [_fmt_pm(c["ppl_change_pct_mean"], c["ppl_change_pct_se"], c["n"])
+                               if (c := cells.get((g, s))) else "-" for s in sets]
+                        + [_flops_cell(any_r)])
+        out.append(_table(["teacher, alpha"] + sets + ["FLOPs distilled / baseline"], body))
+        if f"ppl_change_{ref}" in figs:
+            out.append(f"\n![PPL change vs {title}]({figs[f'ppl_change_{ref}']})\n")
+    out.append("\n## Best alpha per teacher (lowest mean PPL change)\n")
+    for ref, per_t in summary["best_alpha"].items():
+        sets = sorted({s for v in per_t.values() for s in v}, key=lambda s: (s == OOD, s != ind, s))
+        body = [[teacher_label(t[0]) + "".join(f" {k}={v}" for k, v in zip(summary["by"], t[1:]))]
+                + [f"{v[s][0]:g} ({v[s][1]:+.2f}%)" if s in v else "-" for s in sets] for t, v in per_t.items()]
+        out.append(f"\nvs {REFS[ref]}:\n\n" + _table(["teacher"] + sets, body))
+    out.append(f"\n## In-domain (`{ind}`) vs out-of-domain gain (vs token-matched baseline)\n")
+    tok = [r for r in rows if r["reference"] == "token"]
+    pairs = {}
+    for r in tok:
+        if r["eval_set"] in (ind, OOD):
+            pairs.setdefault(r["group"], {})[r["eval_set"]] = r
+    body = [[g, *(_fmt_pm(v[s]["ppl_change_pct_mean"], v[s]["ppl_change_pct_se"], v[s]["n"]) if s in v else "-"
+                  for s in (ind, OOD))] for g, v in pairs.items()]
+    out.append(_table(["teacher, alpha", f"in-domain ({ind})", "out-of-domain (mean)"], body) if body
+               else f"No eval set named `{ind}` and no other set among the paired runs.\n")
+    if "domain_gain" in figs:
+        out.append(f"\n![in-domain vs out-of-domain]({figs['domain_gain']})\n")
+    out.append("\n## Teachers\n")
+    body = [[v["name"], k, _num(v["params"]), _num(v["tokens"]), _num(v["pretrain_flops"])]
+            for k, v in summary["teachers"].items()]
+    out.append(_table(["teacher", "path", "parameters", "training tokens", "pretraining FLOPs"], body))
+    for name, label in (("gain_vs_teacher_params", "teacher size"), ("gain_vs_teacher_tokens", "teacher tokens")):
+        out.append(f"\n![gain vs {label}]({figs[name]})\n" if name in figs else
+                   f"\nGain vs {label}: not plotted (no teacher with a known {label.split()[1]}).\n")
+    out.append("\n## Entropy change vs PPL change\n")
+    st = summary["students"]
+    if "entropy_vs_ppl" in figs:
+        out.append(f"One point per distilled student: last logged `entropy/student` minus its baseline's.\n\n"
+                   f"![entropy vs PPL change]({figs['entropy_vs_ppl']})\n")
+    elif st and any(s["baseline_entropy"] is None for s in st):
+        out.append("Skipped: the token-matched baselines log no `entropy/student` (a run without a teacher computes "
+                   "no KD diagnostics). For entropies on fixed text use `python -m eval.logit_analysis`.\n")
+    else:
+        out.append("Skipped: the distilled runs log no `entropy/student` (enable the `entropy` callback).\n")
+    out.append("\n## Runs\n")
+    sets = sorted({s for r in summary["runs"] for s in r["ppl"]})
+    body = [[r["dir"], ROLES[r["role"]], _num(r["alpha"]), _num(r["seed"]), r["source"]]
+            + [f"{r['ppl'][s]:.4g}" if s in r["ppl"] else "-" for s in sets] for r in summary["runs"]]
+    out.append(_table(["run", "role", "alpha", "seed", "numbers from"] + [f"PPL {s}" for s in sets], body))
+    if summary["notes"]:
+        out.append("\n## Notes\n\n" + "".join(f"- {n}\n" for n in summary["notes"]))
+    return "".join(out)
+
+
+def _flops_cell(r):
+    if r["flops_mean"] is None or r["ref_flops_mean"] is None:
+        return "-"
+    return f"{r['flops_mean']:.3g} / {r['ref_flops_mean']:.3g} ({r['ref_flops_mean'] / r['flops_mean']:.3f}x)"
+
+
+def build_report(run_dirs, out, in_domain="heldout", by=(), teacher_roots=()):
+    runs = [load_run(d) for d in run_dirs]
+    summary = summarize(runs, in_domain, by, teacher_roots)
+    os.makedirs(out, exist_ok=True)
+    figs = plots(summary, out)
+    write_csv(os.path.join(out, "report.csv"), summary["rows"])
+    write_students_csv(os.path.join(out, "students.csv"), summary)
+    write_text(os.path.join(out, "report.md"), markdown(summary, figs))
+    summary["figures"] = figs
+    return summary
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("runs", nargs="*", help="run directories (or a sweep directory holding them)")
+    ap.add_argument("--glob", action="append", default=[], help="glob of run directories, e.g. 'runs/grid-*'")
+    ap.add_argument("--out", default="runs/report", help="output directory (report.md, report.csv, *.png)")
+    ap.add_argument("--in-domain", default="heldout", help="the in-domain eval set; every other set is OOD")
+    ap.add_argument("--by", action="append", default=[], help="extra config key that tells distilled groups apart")
+    ap.add_argument("--teacher-root", action="append", default=[],
+                    help="directory relative teacher paths are resolved from (default: cwd, the runs' launch dir)")
+    a = ap.parse_args(argv)
+    summary = build_report(collect_run_dirs(a.runs, a.glob), a.out, a.in_domain, a.by, a.teacher_root)
+    for n in summary["notes"]:
+        print(f"note: {n}", file=sys.stderr)
+    print(f"report: {os.path.join(a.out, 'report.md')} ({len(summary['runs'])} runs, {len(summary['rows'])} rows, "
+          f"{len(summary['figures'])} plots)")
+    return summary
+
+
+if __name__ == "__main__":
+    cli(main)
