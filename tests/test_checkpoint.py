@@ -18,15 +18,16 @@ from distillery import checkpoint
 from distillery.errors import ConfigError, TrainingError
 
 
-def build_engine(world=1, universal=False):
+def build_engine(world=1, universal=False, grad_accum=1):
     import deepspeed
     from distillery.launch import init_distributed
     init_distributed()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ds = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-          "train_batch_size": 2 * world, "steps_per_print": 10 ** 9}
+    ds = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 2,
+          "gradient_accumulation_steps": grad_accum, "train_batch_size": 2 * world * grad_accum,
+          "steps_per_print": 10 ** 9}
     if universal:
         ds["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
@@ -296,3 +297,78 @@ def test_verify_cli(engine, tmp_path, capsys):
     assert checkpoint.verify(b) is not None
     assert checkpoint.main(["--adopt", b]) == 0 and checkpoint.verify(b) is None
     assert json.load(open(os.path.join(b, checkpoint.MANIFEST)))["world_size"] == 1
+
+
+# ---------------------------------------------------------------------------- two ranks (slow: a launcher)
+TWO_RANKS = """
+import os, sys, types
+sys.path.insert(0, {tests!r})
+import torch
+import torch.distributed as dist
+from test_checkpoint import build_engine, train_step, weights
+from distillery import checkpoint
+engine = build_engine(world=2)
+rank = int(os.environ["RANK"])
+cfg = types.SimpleNamespace(run_dir={run!r}, resume="auto", keep_last=2)
+for s in (1, 2, 3):
+    train_step(engine, 10 * s + rank)
+    path = checkpoint.save(engine, cfg, s, {{"step": s}})
+w3 = weights(engine)
+train_step(engine, 100 + rank)  # the step after the checkpoint, rank r on its own data
+if rank == 0:
+    torch.save({{"w3": w3, "w4": weights(engine)}}, {run!r} + "/weights.pt")
+    os.rename(path + "/manifest.json", path + "/hidden")  # step 3 looks broken: both ranks must agree on step 2
+print("rank", rank, "resumes", checkpoint.find_resume(cfg)[1], flush=True)
+if rank == 0:
+    os.rename(path + "/hidden", path + "/manifest.json")
+dist.barrier()
+print("rank", rank, "then", checkpoint.find_resume(cfg)[1], flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_then_world_size_change_through_universal(tmp_path):
+    """2 ranks save (sha256 split over the ranks, keep_last=2) and agree on the fallback; resuming on 1 rank is
+    refused before loading, and works after --to-universal, continuing exactly (Adam state included)."""
+    from distillery.launch import free_port
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    script = tmp_path / "two.py"
+    script.write_text(TWO_RANKS.format(tests=str(REPO / "tests"), run=run))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(script)], cwd=REPO, env=dict(clean_env(), OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    for r in (0, 1):
+        assert f"rank {r} resumes step00000002" in p.stdout and f"rank {r} then step00000003" in p.stdout
+    d = os.path.join(run, "checkpoints")
+    assert sorted(n for n in os.listdir(d) if n.startswith("step")) == ["step00000002", "step00000003"]
+    src = os.path.join(d, "step00000003")
+    m = json.load(open(os.path.join(src, checkpoint.MANIFEST)))
+    assert m["world_size"] == 2 and len([e for e in m["files"] if "optim_states" in e["path"]]) == 2
+    assert checkpoint.verify(src) is None
+    cfg = types.SimpleNamespace(run_dir=run, resume="auto")
+    with pytest.raises(ConfigError, match="saved by 2 ranks, this run has 1: .* --to-universal"):
+        checkpoint.load(build_engine(world=1, grad_accum=2), cfg, (d, "step00000003"))
+    assert checkpoint.main(["--to-universal", src]) == 0
+    uni = src + checkpoint.UNIVERSAL_SUFFIX
+    assert checkpoint.verify(uni) is None and checkpoint.is_universal((d, os.path.basename(uni)))
+    assert checkpoint.find_resume(types.SimpleNamespace(run_dir=run, resume="auto"))[1] == "step00000003"
+    with pytest.raises(ConfigError, match="built without checkpoint.load_universal"):
+        checkpoint.load(build_engine(world=1, grad_accum=2), cfg, (d, os.path.basename(uni)))
+    ds = checkpoint.ds_config_for_resume({"zero_optimization": {"stage": 3}}, (d, os.path.basename(uni)))
+    assert ds["checkpoint"] == {"load_universal": True}
+    one = build_engine(world=1, grad_accum=2, universal=True)
+    cfg.resume = uni
+    client = checkpoint.load(one, cfg, checkpoint.find_resume(cfg))
+    assert client["step"] == 3
+    want = torch.load(os.path.join(run, "weights.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(want["w3"], weights(one)))
+    train_step(one, 100)  # 1 rank x 2 micro-batches == 2 ranks x 1
+    train_step(one, 101)
+    for a, b in zip(want["w4"], weights(one)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    os.truncate(os.path.join(d, "step00000002", "zero_pp_rank_1_mp_rank_00_optim_states.pt"), 0)
+    with pytest.raises(TrainingError, match="cannot convert .*not intact: .*zero-length"):
+        checkpoint.to_universal(os.path.join(d, "step00000002"))
+    assert not os.path.exists(os.path.join(d, "step00000002" + checkpoint.UNIVERSAL_SUFFIX))
