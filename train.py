@@ -11,37 +11,36 @@
 Objective (Lu & Liu 2026, eq. 1; paper_setup.md): L = w_ce(alpha) * CE + w_kd(alpha) * T^2 * D(p_t^T || p_s^T), both
 terms token means over every target position of the global batch (all micro-batches, all ranks). The student is
 a ZeRO engine; the frozen teacher is a ZeRO-3 inference engine in the same process; alpha = 0 loads no teacher.
+
+Reading order: resolve() checks every input and returns a Plan; main() builds the engines, the data reader and the
+callbacks' Context into a Run; train() is the loop; finish() exports. docs/architecture.md has the map.
 """
 import argparse
-import contextlib
-import json
-import math
+import dataclasses
 import os
-import sys
 import time
 
 import torch
 
 if not torch.cuda.is_available():  # say so up front instead of DeepSpeed's accelerator-probe warning
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-import deepspeed
 import torch.distributed as dist
 
 import plugins
 from distillery import checkpoint
-from distillery.config import Config, ConfigError, load_config, save_config, to_dict
+from distillery.config import Config, load_config, save_config, to_dict
 from distillery.engines import (batch_layout, init_student, init_teacher, load_ds_config, student_ds_config,
                                 teacher_ds_config)
-from distillery.launch import init_distributed
-from distillery.loss import DIAG_KEYS, IGNORE_INDEX
+from distillery.errors import ConfigError, DataError, TrainingError, cli  # noqa: F401  (TrainingError: tests)
+from distillery.launch import init_distributed, rank_world
+from distillery.loss_parts import IGNORE_INDEX, shift_targets
 from distillery.models import build_student, check_model_dir, export_hf, load_pretrained, zero3_context
-from distillery.sampler import GlobalOrder
-from distillery.shards import DataError, TokenRows, load_stream, read_index
-from eval.ppl import windowed_ce
-
-
-class TrainingError(RuntimeError):
-    pass
+from distillery.objective import Objective
+from distillery.sampler import RankReader
+from distillery.shards import load_stream, read_index
+from distillery.step import StepStats, Timer, micro_step
+from eval import ppl
+from plugins.base import Callbacks, Context, NullWriter
 
 
 # ---------------------------------------------------------------------------- config
@@ -53,6 +52,19 @@ def parse_args(argv=None):
     ap.add_argument("--list-plugins", action="store_true", help="print the registered plugins and exit")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     return ap.parse_args(argv)
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything decided before a process group, a model or a file exists."""
+    cfg: Config
+    ds_base: dict              # the DeepSpeed JSON (engine settings only)
+    index: dict                # the training data's index.json
+    world: int
+    grad_accum: int            # micro-batches per rank per optimizer step
+    total_steps: int
+    objective: Objective       # divergence + mix + alpha schedule; kd_vocab set iff a teacher is loaded
+    callbacks: Callbacks       # built with their options (callback_args), in config order
 
 
 def resolve(args):
@@ -67,19 +79,17 @@ def resolve(args):
     if cfg.student_init:
         check_model_dir(cfg.student_init, index, who="student_init")
     world = int(os.environ.get("WORLD_SIZE", 1))
-    batch_layout(cfg, world)
-    loss = dict(divergence=plugins.get("divergence", cfg.divergence), mix=plugins.get("mix", cfg.mix),
-                schedule=plugins.get("alpha_schedule", cfg.alpha_schedule),
-                callbacks=[plugins.get("callback", name) for name in cfg.callbacks])
-    kd_vocab = None
-    if needs_teacher(cfg, loss, total_steps):
+    _, grad_accum = batch_layout(cfg, world)
+    objective = Objective.from_config(cfg, total_steps)
+    callbacks = Callbacks.build(cfg.callbacks, cfg.callback_args)
+    if objective.needs_teacher():
         if not cfg.teacher:
             raise ConfigError(f"alpha={cfg.alpha} (mix {cfg.mix}) needs a teacher: set teacher=<hf dir>, or "
                               f"alpha=0 for the baseline")
-        kd_vocab = check_model_dir(cfg.teacher, index, who="teacher")
-    elif cfg.teacher and cfg.teacher != Config.teacher and os.environ.get("RANK", "0") == "0":
+        objective = dataclasses.replace(objective, kd_vocab=check_model_dir(cfg.teacher, index, who="teacher"))
+    elif cfg.teacher and cfg.teacher != Config.teacher and rank_world()[0] == 0:
         print(f"note: KD weight is 0 at every step, so teacher={cfg.teacher} is not loaded")
-    return cfg, ds_base, index, total_steps, loss, kd_vocab
+    return Plan(cfg, ds_base, index, world, grad_accum, total_steps, objective, callbacks)
 
 
 def check_data(cfg):
@@ -107,90 +117,92 @@ def check_data(cfg):
     return index
 
 
-def alpha_at(cfg, schedule, step, total_steps):
-    return schedule(step=step, total_steps=total_steps, alpha=cfg.alpha, start=cfg.alpha_start, end=cfg.alpha_end,
-                    warmup_frac=cfg.alpha_warmup_frac, decay_frac=cfg.alpha_decay_frac)
-
-
-def needs_teacher(cfg, loss, total_steps):
-    """The teacher is loaded only if some step gives KD a non-zero weight (alpha = 0 runs never touch it)."""
-    return any(loss["mix"](alpha=alpha_at(cfg, loss["schedule"], s, total_steps))[1] > 0 for s in range(total_steps))
-
-
 # ---------------------------------------------------------------------------- engines
-def build_engines(cfg, ds_base, index, total_steps, world, kd_vocab):
-    ds_student = student_ds_config(ds_base, cfg, world)
+def build_engines(plan):
+    """(student engine, teacher inference engine or None). Each model is built under its own ZeRO-3 context."""
+    cfg = plan.cfg
+    ds_student = student_ds_config(plan.ds_base, cfg, plan.world)
     teacher = None
-    if kd_vocab is not None:
-        ds_teacher = teacher_ds_config(ds_base, cfg)
+    if plan.objective.kd_vocab is not None:
+        ds_teacher = teacher_ds_config(plan.ds_base, cfg)
         dtype = torch.bfloat16 if ds_teacher.get("bf16") else torch.float32
         with zero3_context(ds_teacher):
             t_lm = load_pretrained(cfg.teacher, cfg, dtype=dtype)
         teacher = init_teacher(t_lm, ds_teacher)
-    lm = build_student(cfg, index["vocab_size"], cfg.seq_len, ds_student)
-    student = init_student(lm, cfg, ds_student, total_steps)
+    lm = build_student(cfg, plan.index["vocab_size"], cfg.seq_len, ds_student)
+    student = init_student(lm, cfg, ds_student, plan.total_steps)
     return student, teacher
 
 
-# ---------------------------------------------------------------------------- data
-def shift_targets(x):
-    """[b, S] rows -> next-token targets [b, S]; the last position has no target."""
-    y = torch.full_like(x, IGNORE_INDEX)
-    y[:, :-1] = x[:, 1:]
-    return y
+# ---------------------------------------------------------------------------- run
+@dataclasses.dataclass
+class Run:
+    """A started run: the plan, its engines, this rank's data and the callbacks' context."""
+    plan: Plan
+    engine: object             # the student's DeepSpeed engine
+    teacher: object            # the teacher's inference engine, or None
+    reader: RankReader         # this rank's rows of every step, in the run's global order
+    streams: dict              # eval set name -> 1-D tokens (windowed PPL, eval/ppl.py)
+    ctx: Context               # handed to every callback hook
+
+    def rows(self, step):
+        """This rank's rows of optimizer step `step`: [grad_accum, micro_batch, S] (sampler.rank_slice)."""
+        cfg = self.plan.cfg
+        mbs = self.reader.step_batches(step * cfg.global_batch_size, cfg.global_batch_size, cfg.micro_batch_size,
+                                       self.plan.grad_accum)
+        return torch.stack([torch.from_numpy(mb) for mb in mbs])
 
 
-def step_batch(rows, order, step, cfg, rank, world, grad_accum):
-    """This rank's rows of optimizer step `step`: [grad_accum, micro_batch, S]. Global sample k of the run is
-    order.index(k); step s covers samples [s * G, (s + 1) * G), rank r the r-th contiguous slice of them, so any
-    world size sees the same global batch and resuming needs only the step number."""
-    per_rank = cfg.global_batch_size // world
-    idx = order.indices(step * cfg.global_batch_size + rank * per_rank, per_rank)
-    return torch.from_numpy(rows.take(idx)).view(grad_accum, cfg.micro_batch_size, -1)
-
-
-# ---------------------------------------------------------------------------- plugins
-def call(callbacks, hook, **kw):
-    """Hooks run on every rank in config order with keyword arguments; a callback without the hook is skipped."""
-    for cb in callbacks:
-        fn = getattr(cb, hook, None)
-        if fn is not None:
-            fn(**kw)
+def start(plan, rank, world):
+    """Engines, data, resume, callbacks: the Run of this process."""
+    cfg = plan.cfg
+    engine, teacher = build_engines(plan)
+    start_step = 0
+    where = checkpoint.find_resume(cfg)
+    if where is not None:
+        client = checkpoint.load(engine, cfg, where)
+        start_step = client["step"]
+        plan.callbacks.load_state_dict(client.get("callbacks", {}))
+    writer = NullWriter()
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(cfg.run_dir)
+    end_step = min(plan.total_steps, start_step + cfg.max_steps) if cfg.max_steps else plan.total_steps
+    ctx = Context(cfg=cfg, engine=engine, teacher=teacher, run_dir=cfg.run_dir, writer=writer, rank=rank,
+                  world=world, start_step=start_step, end_step=end_step, total_steps=plan.total_steps,
+                  step=start_step)
+    plan.callbacks.bind(ctx, metrics_path=os.path.join(cfg.run_dir, "metrics.jsonl"))
+    reader = RankReader(cfg.data, cfg.seed, rank=rank, world=world)
+    streams = {s: load_stream(cfg.eval_data or cfg.data, s) for s in cfg.eval_sets}
+    return Run(plan, engine, teacher, reader, streams, ctx)
 
 
 # ---------------------------------------------------------------------------- loop
-def evaluate(engine, cfg, streams, rank, world):
-    def loss_fn(x):
-        x = x.to(engine.device)
-        parts = engine(input_ids=x, targets=shift_targets(x), impl=cfg.loss_impl, w_ce=1.0, w_kd=0.0,
-                       chunk_size=cfg.loss_chunk_size)
-        return parts["ce_sum"], parts["n_tokens"]
+def evaluate(run):
+    """Windowed held-out loss of the live engine on every eval set (eval/ppl.py; collective, all ranks)."""
+    cfg = run.plan.cfg
+    res = ppl.evaluate_engine(run.engine, run.streams, cfg.eval_window, cfg.eval_max_windows, cfg.eval_batch_size,
+                              **ppl.engine_call_kw(cfg))
     out = {}
-    for name, tokens in streams.items():
-        ce = windowed_ce(loss_fn, tokens, cfg.eval_window, cfg.eval_max_windows, cfg.eval_batch_size, rank, world,
-                         device=engine.device)
-        out[f"eval/{name}/loss"], out[f"eval/{name}/ppl"] = ce, math.exp(min(ce, 50.0))
+    for name, r in res.items():
+        out[f"eval/{name}/loss"], out[f"eval/{name}/ppl"] = r["ce"], r["ppl"]
     return out
 
 
-def train(cfg, engine, teacher, rows, streams, loss, kd_vocab, total_steps, start_step, callbacks, writer,
-          rank, world, grad_accum):
-    order = GlobalOrder(len(rows), cfg.seed)
-    end_step = min(total_steps, start_step + cfg.max_steps) if cfg.max_steps else total_steps
-    want_diag = teacher is not None and any(getattr(cb, "wants_diagnostics", False) for cb in callbacks)
+def train(run):
+    """Optimizer steps ctx.start_step .. ctx.end_step; returns the last finished step."""
+    plan, ctx, cbs = run.plan, run.ctx, run.plan.callbacks
+    cfg, obj, engine, dev = plan.cfg, plan.objective, run.engine, run.engine.device
+    want_diag = run.teacher is not None and cbs.wants_diagnostics
+    stats = StepStats(dev, want_diag)
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
-    dev = engine.device
-    acc = torch.zeros(4 + len(DIAG_KEYS), dtype=torch.float64, device=dev)  # total, ce, kd, not-finite, diag...
-    n_acc, steps_acc, t_log = 0.0, 0, time.perf_counter()
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    ctx = dict(cfg=cfg, engine=engine, teacher=teacher, run_dir=cfg.run_dir, writer=writer, rank=rank, world=world,
-               total_steps=total_steps)
-    call(callbacks, "on_train_start", start_step=start_step, **ctx)
-    for step in range(start_step, end_step):
-        alpha = alpha_at(cfg, loss["schedule"], step, total_steps)
-        w_ce, w_kd = loss["mix"](alpha=alpha)
+    loss_kw = obj.loss_kw()
+    t_log = time.perf_counter()  # start of the log interval
+    cbs("on_train_start", ctx)
+    for step in range(ctx.start_step, ctx.end_step):
+        alpha, w_ce, w_kd = obj.weights(step)
         lr = engine.get_lr()[0]
-        batch = step_batch(rows, order, step, cfg, rank, world, grad_accum)         # [GA, mb, S]
+        batch = run.rows(step)                                                       # [GA, mb, S]
         targets = torch.stack([shift_targets(b) for b in batch])                     # [GA, mb, S]
         n_global = (targets != IGNORE_INDEX).sum().to(dev, torch.float64)
         dist.all_reduce(n_global)
@@ -199,98 +211,67 @@ def train(cfg, engine, teacher, rows, streams, loss, kd_vocab, total_steps, star
         # mean: no double normalisation, no mean-of-means (trap 3).
         # (One host sync per step for the count; ZeRO's step syncs for the grad norm anyway.)
         inv_n = 1.0 / n_global.item()
-        scale = world * grad_accum * inv_n
+        scale = ctx.world * plan.grad_accum * inv_n
         done = step + 1
-        is_log = done % cfg.log_interval == 0 or done == end_step
-        is_save = (cfg.save_interval and done % cfg.save_interval == 0) or done == end_step
+        is_log = done % cfg.log_interval == 0 or done == ctx.end_step
+        is_save = (cfg.save_interval and done % cfg.save_interval == 0) or done == ctx.end_step
         is_eval = cfg.eval_interval >= 0 and (
-            (cfg.eval_interval and done % cfg.eval_interval == 0) or done == total_steps)
+            (cfg.eval_interval and done % cfg.eval_interval == 0) or done == plan.total_steps)
         # Teacher share of step time is measured on reported steps only: it needs device syncs around the teacher
         # forward, which would cost overlap on every step.
         timed = is_log or is_save
-        if timed:
-            sync()
-            t_step, teacher_s = time.perf_counter(), 0.0
-        for m in range(grad_accum):
-            x, y = batch[m].to(dev, non_blocking=True), targets[m].to(dev, non_blocking=True)
-            t_hidden, gather = None, contextlib.nullcontext()
-            if teacher is not None:
-                if timed:
-                    sync()
-                    t0 = time.perf_counter()
-                with torch.no_grad():
-                    t_hidden = teacher(x)                                            # [mb, S, Ht]
-                if timed:
-                    sync()
-                    teacher_s += time.perf_counter() - t0
-                gather = deepspeed.zero.GatheredParameters([teacher.module.head_weight], modifier_rank=None)
-            with gather:
-                parts = engine(input_ids=x, targets=y, teacher_hidden=t_hidden,
-                               teacher_weight=teacher.module.head_weight if teacher is not None else None,
-                               impl=cfg.loss_impl, kd_vocab=kd_vocab, divergence=loss["divergence"],
-                               divergence_args=cfg.divergence_args, temperature=cfg.temperature,
-                               w_ce=w_ce * scale, w_kd=w_kd * scale, want_diag=want_diag,
-                               chunk_size=cfg.loss_chunk_size)
-            engine.backward(parts["loss"])
-            engine.step()
-            ce, kd = parts["ce_sum"].double() * inv_n, parts["kd_sum"].double() * inv_n   # this micro-batch's share
-            acc[:4] += torch.stack([w_ce * ce + w_kd * kd, ce, kd, (~torch.isfinite(parts["loss"])).double()])
-            for i, k in enumerate(DIAG_KEYS):
-                if k in parts["diag"]:
-                    acc[4 + i] += parts["diag"][k].double()
-        if timed:
-            sync()
-            step_s = time.perf_counter() - t_step
-        steps_acc += 1
-        n_acc += n_global.item()
+        step_timer, teacher_timer = Timer(dev, timed), Timer(dev, timed)
+        with step_timer():
+            for m in range(plan.grad_accum):
+                x, y = batch[m].to(dev, non_blocking=True), targets[m].to(dev, non_blocking=True)
+                parts = micro_step(engine, run.teacher, x, y, loss_kw, w_ce * scale, w_kd * scale, want_diag,
+                                   teacher_timer)
+                stats.add(parts, inv_n, w_ce, w_kd)
+        stats.end_step(n_global.item())
         metrics = diag = None
-        if is_log or is_save:  # a checkpoint is never written without checking the loss first
-            dist.all_reduce(acc)
-            a = acc.tolist()
-            if a[3] > 0:
-                raise TrainingError(f"loss is not finite between steps {done - steps_acc + 1} and {done}; resume "
+        if timed:  # a checkpoint is never written without checking the loss first
+            steps = stats.steps
+            s = stats.summary()
+            if s.nonfinite:
+                raise TrainingError(f"loss is not finite between steps {done - steps + 1} and {done}; resume "
                                     f"from the last checkpoint (resume=auto) with a lower lr, or check the data")
-            dt = time.perf_counter() - t_log
-            metrics = {"loss/total": a[0] / steps_acc, "loss/ce": a[1] / steps_acc, "loss/kd": a[2] / steps_acc,
-                       "alpha": alpha, "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                       "tokens/seen": done * tokens_per_step, "perf/tokens_per_s": steps_acc * tokens_per_step / dt,
-                       "perf/step_s": dt / steps_acc}
-            if teacher is not None:
-                metrics["perf/teacher_share"] = teacher_s / step_s
-            diag = {k: a[4 + i] / n_acc for i, k in enumerate(DIAG_KEYS)} if want_diag else {}
-        call(callbacks, "on_step_end", step=done, metrics=metrics, diag=diag, **ctx)
+            dt, t_log = time.perf_counter() - t_log, time.perf_counter()
+            metrics = {"loss/total": s.total, "loss/ce": s.ce, "loss/kd": s.kd, "alpha": alpha, "lr": lr,
+                       "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                       "tokens/seen": done * tokens_per_step, "perf/tokens_per_s": steps * tokens_per_step / dt,
+                       "perf/step_s": dt / steps}
+            if run.teacher is not None:
+                metrics["perf/teacher_share"] = teacher_timer.seconds / step_timer.seconds
+            diag = s.diag
+        ctx.step = done
+        cbs("on_step_end", ctx, step=done, metrics=metrics, diag=diag)
         if metrics is not None:
-            log_jsonl(cfg, rank, dict(step=done, **metrics))
-            acc.zero_()
-            n_acc, steps_acc, t_log = 0.0, 0, time.perf_counter()
-        if is_eval and streams:
-            results = evaluate(engine, cfg, streams, rank, world)
-            call(callbacks, "on_eval", step=done, results=results, **ctx)
-            log_jsonl(cfg, rank, dict(step=done, **results))
+            ctx.log(done, metrics)
+        if is_eval and run.streams:
+            results = evaluate(run)
+            cbs("on_eval", ctx, step=done, results=results)
+            ctx.log(done, results)
         if is_save:
-            path = checkpoint.save(engine, cfg, done, {"step": done, "config": to_dict(cfg)})
-            call(callbacks, "on_checkpoint", step=done, path=path, **ctx)
-    return end_step
-
-
-def log_jsonl(cfg, rank, record):
-    if rank == 0:
-        with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+            path = checkpoint.save(engine, cfg, done, {"step": done, "config": to_dict(cfg),
+                                                       "callbacks": cbs.state_dict()})
+            cbs("on_checkpoint", ctx, step=done, path=path)
+    return ctx.end_step
 
 
 # ---------------------------------------------------------------------------- save
-def finish(cfg, engine, last_step, total_steps, callbacks, writer, rank, world):
+def finish(run, last_step):
+    """Export the student when the schedule is complete; end-of-run callbacks; their numbers to every writer."""
+    cfg, ctx = run.plan.cfg, run.ctx
     export_dir = None
-    if cfg.export and last_step == total_steps:
+    if cfg.export and last_step == run.plan.total_steps:
         export_dir = os.path.join(cfg.run_dir, "export")
-        export_hf(engine.module.lm, export_dir, cfg.data, cfg.export_dtype,
-                  extra_files={"distillery_config.yaml": os.path.join(cfg.run_dir, "config.yaml")}, rank=rank)
+        export_hf(run.engine.module.lm, export_dir, cfg.data, cfg.export_dtype,
+                  extra_files={"distillery_config.yaml": os.path.join(cfg.run_dir, "config.yaml")}, rank=ctx.rank)
         dist.barrier()
-    call(callbacks, "on_train_end", step=last_step, export_dir=export_dir, cfg=cfg, engine=engine,
-         run_dir=cfg.run_dir, writer=writer, rank=rank, world=world, total_steps=total_steps)
-    if writer is not None:
-        writer.close()
+    final = {}
+    run.plan.callbacks("on_train_end", ctx, step=last_step, export_dir=export_dir, metrics=final)
+    if final:
+        ctx.log(last_step, final)
 
 
 def main(argv=None):
@@ -298,34 +279,21 @@ def main(argv=None):
     if args.list_plugins:
         print(plugins.describe())
         return None
-    cfg, ds_base, index, total_steps, loss, kd_vocab = resolve(args)
+    plan = resolve(args)
     rank, world = init_distributed()
-    _, grad_accum = batch_layout(cfg, world)
     if rank == 0:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-    rows = TokenRows(cfg.data, "train")
-    streams = {s: load_stream(cfg.eval_data or cfg.data, s) for s in cfg.eval_sets}
-    engine, teacher = build_engines(cfg, ds_base, index, total_steps, world, kd_vocab)
-    start_step = 0
-    where = checkpoint.find_resume(cfg)
-    if where is not None:
-        start_step = checkpoint.load(engine, cfg, where)["step"]
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(cfg.run_dir)
-    callbacks = [cls() for cls in loss["callbacks"]]
-    last = train(cfg, engine, teacher, rows, streams, loss, kd_vocab, total_steps, start_step, callbacks, writer,
-                 rank, world, grad_accum)
-    finish(cfg, engine, last, total_steps, callbacks, writer, rank, world)
-    return cfg.run_dir
+        os.makedirs(plan.cfg.run_dir, exist_ok=True)
+        save_config(plan.cfg, os.path.join(plan.cfg.run_dir, "config.yaml"))
+    run = start(plan, rank, world)
+    try:
+        finish(run, train(run))
+    except BaseException as e:  # the callbacks hear of it (flush, close), then it propagates unchanged
+        plan.callbacks.error(run.ctx, run.ctx.step, e)
+        raise
+    finally:
+        run.ctx.writer.close()
+    return plan.cfg.run_dir
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError, plugins.PluginError, TrainingError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

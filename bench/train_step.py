@@ -7,8 +7,9 @@
 Variants (each measured on the same random batches, after warm-up, median step time):
   naive       plain torch: student forward with autocast, teacher forward under no_grad, full fp32 [tokens x vocab]
               logits of both, (1 - a) CE + a KL(t || s), AdamW. What a typical KD script does (the anchor's naive_kd).
-  distillery  the trainer's path: ZeRO-3 student engine (StudentWithLoss + fused KD head, client AdamW, clip 1.0) and
-              a ZeRO-3 inference teacher engine, engine.backward / engine.step, one rank.
+  distillery  the trainer's path: engines from distillery.engines (ZeRO-3 StudentWithLoss + fused KD head, AdamW with
+              the trainer's parameter groups and LR schedule, clip 1.0; a ZeRO-3 inference teacher) and the trainer's
+              own micro-step (distillery/step.py: teacher forward, gathered head, loss, backward, step), one rank.
 Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU, peak RSS of a fresh child process per variant.
 Ends with one JSON line: tokens/s, step ms, peak memory per variant and the distillery / naive ratios. The anchor's
 DeepSpeed ZeRO-3 + naive KD row (peers_and_pitfalls.md) was 19,864 tok/s and 64.7 GiB on an H100.
@@ -83,43 +84,36 @@ def run_naive(s, dev):
 
 
 def run_distillery(s, dev):
-    import deepspeed
+    """The trainer's own pieces: engines from distillery.engines (param groups, AdamW, LR schedule, clipping from the
+    Config), the Objective, and distillery.step.micro_step, the function train.py calls for every micro-batch."""
     import torch
     from transformers import AutoModelForCausalLM
-    from distillery.engines import StudentWithLoss, init_teacher
+    from distillery.config import Config
+    from distillery.engines import init_student, init_teacher, student_ds_config, teacher_ds_config
+    from distillery.loss_parts import shift_targets
     from distillery.models import zero3_context
-    import plugins
-    ds = {"train_micro_batch_size_per_gpu": s["mb"], "gradient_accumulation_steps": 1,
-          "gradient_clipping": 1.0, "zero_optimization": {"stage": 3}, "steps_per_print": 10 ** 9}
-    if dev == "cuda":
-        ds["bf16"] = {"enabled": True}
-    tds = {"train_micro_batch_size_per_gpu": s["mb"], "zero_optimization": {"stage": 3},
-           "steps_per_print": 10 ** 9, **({"bf16": {"enabled": True}} if dev == "cuda" else {})}
+    from distillery.objective import Objective
+    from distillery.step import micro_step
+    cfg = Config(micro_batch_size=s["mb"], global_batch_size=s["mb"], lr=1e-4, alpha=ALPHA, loss_impl="fused",
+                 train_tokens=10 ** 9, seq_len=s["seq"])
+    ds_base = {"zero_optimization": {"stage": 3}, **({"bf16": {"enabled": True}} if dev == "cuda" else {})}
+    ds_teacher, ds_student = teacher_ds_config(ds_base, cfg), student_ds_config(ds_base, cfg, world=1)
     torch.manual_seed(0)
-    with zero3_context(tds):
+    with zero3_context(ds_teacher):
         te = AutoModelForCausalLM.from_config(hf_cfg(s, s["teacher"]))
-    teacher = init_teacher(te, tds)
-    with zero3_context(ds):
+    teacher = init_teacher(te, ds_teacher)
+    with zero3_context(ds_student):
         st = AutoModelForCausalLM.from_config(hf_cfg(s, s["student"]))
-    model = StudentWithLoss(st)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    div = plugins.get("divergence", "forward_kl")
+    engine = init_student(st, cfg, ds_student, total_steps=1000)
+    objective = Objective.from_config(cfg, total_steps=1000)
+    loss_kw = dict(objective.loss_kw(), kd_vocab=s["vocab"])
+    _, w_ce, w_kd = objective.weights(0)
     n = s["mb"] * (s["seq"] - 1)
 
     def step(x):
         x = x.to(engine.device)
-        y = torch.roll(x, -1, 1)
-        y[:, -1] = -100
-        with torch.no_grad():
-            th = teacher(x)
-        with deepspeed.zero.GatheredParameters([teacher.module.head_weight], modifier_rank=None):
-            out = engine(input_ids=x, targets=y, teacher_hidden=th, teacher_weight=teacher.module.head_weight,
-                         impl="fused", kd_vocab=s["vocab"], divergence=div, temperature=1.0,
-                         w_ce=(1 - ALPHA) / n, w_kd=ALPHA / n)
-        engine.backward(out["loss"])
-        engine.step()
-        return out["loss"]
+        parts = micro_step(engine, teacher, x, shift_targets(x), loss_kw, w_ce / n, w_kd / n)
+        return parts["loss"]
     return step
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from data_prep import encode
 from distillery import shards
+from distillery.errors import cli
 
 XQUAD_LANGS = ["ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh"]
 JOIN = "\n\n"
@@ -153,9 +154,9 @@ def build(tokenizer, out, sets, local=None, max_tokens=256 * 4096, heldout_frac=
 
 
 def _offline_texts(heldout_frac):
-    from data_prep import offline
-    held = [t for t in offline.all_documents() if encode.heldout_by_hash(t, heldout_frac)]
-    ood = offline.ood_sets()
+    from data_prep import stdlib_corpus
+    held = [t for t in stdlib_corpus.all_documents() if encode.heldout_by_hash(t, heldout_frac)]
+    ood = stdlib_corpus.ood_sets()
     return {"offline_heldout": held, "offline_ood_english": ood["ood_english"],
             "offline_ood_c": ood.get("ood_c", [])}
 
@@ -172,12 +173,11 @@ def main(argv=None):
     a = ap.parse_args(argv)
     groups = {"paper": list(RECIPES), "offline": OFFLINE, "all": list(RECIPES) + OFFLINE}
     sets = [x for part in a.sets.split(",") for x in groups.get(part, [part])]
-    try:
-        local = dict(kv.split("=", 1) for kv in a.local)
-        build(a.tokenizer, a.out, sets, local, a.max_tokens, a.heldout_frac)
-    except ValueError as e:  # DataError included; a malformed --local too
-        sys.exit(f"error: {e}")
+    bad = [kv for kv in a.local if "=" not in kv]
+    if bad:
+        raise shards.DataError(f"--local {bad[0]!r} is not NAME=FILE (e.g. --local humaneval=he.jsonl)")
+    build(a.tokenizer, a.out, sets, dict(kv.split("=", 1) for kv in a.local), a.max_tokens, a.heldout_frac)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

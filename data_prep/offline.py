@@ -11,57 +11,13 @@ on the training side only; documents joined by EOS and packed into rows of seq_l
 streams (evaluation sets). Resumable and deterministic like any prepare.py build.
 """
 import argparse
-import glob
-import os
 import sys
-import sysconfig
 
-from data_prep import encode, prepare
+from data_prep import prepare
+from distillery.errors import cli
+from data_prep.stdlib_corpus import all_documents, ood_sets  # noqa: F401  (the corpus, re-exported)
 
 EOS = prepare.BPE_EOS
-
-
-def heldout_by_hash(text, frac):
-    """Kept for callers of the old name; the rule lives in data_prep.encode (one rule for every source)."""
-    return encode.heldout_by_hash(text, frac)
-
-
-def read_text(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
-
-
-def all_documents(max_bytes=None):
-    """The stdlib .py sources in a fixed order, exact duplicates dropped (train/held-out is decided later, by
-    content hash, in the pipeline). max_bytes caps the total text, for quick test corpora."""
-    stdlib = sysconfig.get_paths()["stdlib"]
-    files = []
-    for root, dirs, names in os.walk(stdlib):
-        # prune while walking: site-packages can hold 10x the stdlib's files (1 s of globbing for nothing)
-        dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages", "pydoc_data", "__pycache__")]
-        files += [os.path.join(root, n) for n in names if n.endswith(".py")]
-    files.sort()
-    seen, total = set(), 0
-    for p in files:
-        text = read_text(p)
-        if not text.strip() or text in seen:
-            continue
-        if max_bytes and total >= max_bytes:
-            return
-        seen.add(text)
-        total += len(text)
-        yield text
-
-
-def ood_sets():
-    """Out-of-domain evaluation streams: English prose and C, neither of which is in training."""
-    from pydoc_data.topics import topics
-    sets = {"ood_english": [topics[k] for k in sorted(topics)]}
-    include = sysconfig.get_paths().get("include")
-    headers = sorted(glob.glob(os.path.join(include, "**", "*.h"), recursive=True)) if include else []
-    if headers:
-        sets["ood_c"] = [read_text(p) for p in headers]
-    return sets
 
 
 def build(out, vocab_size=4096, seq_len=256, heldout_frac=0.03, max_train_bytes=None, rows_per_shard=4096,
@@ -88,4 +44,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

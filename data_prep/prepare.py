@@ -32,7 +32,8 @@ from collections import deque
 import numpy as np
 
 from data_prep import encode, sources as sourcelib
-from distillery import shards
+from distillery import atomic, shards
+from distillery.errors import cli
 
 BPE_EOS = "<|endoftext|>"
 
@@ -336,12 +337,8 @@ def run(source_specs, tokenizer, out, seq_len=8192, max_tokens=None, heldout_fra
         if os.path.isfile(stale):
             os.remove(stale)
     if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")) or not resumed:
-        tmp = f"{tok_dir}.tmp-{os.getpid()}"
-        hf.save_pretrained(tmp)
-        if os.path.isdir(tok_dir):
-            import shutil
-            shutil.rmtree(tok_dir)
-        os.replace(tmp, tok_dir)
+        with atomic.atomic_path(tok_dir) as tmp:
+            hf.save_pretrained(tmp)
     if not resumed:
         shards.atomic_write_json(build.progress_path, build.state)  # claims the directory for these arguments
     st = build.state
@@ -437,12 +434,9 @@ def main(argv=None):
     ap.add_argument("--bpe_train_mb", type=float, default=64)
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
-    try:
-        run(a.source, a.tokenizer, a.out, a.seq_len, a.max_tokens, a.heldout_frac, a.workers, a.rows_per_shard,
-            bpe_train_mb=a.bpe_train_mb, progress=not a.quiet)
-    except shards.DataError as e:
-        sys.exit(f"error: {e}")
+    run(a.source, a.tokenizer, a.out, a.seq_len, a.max_tokens, a.heldout_frac, a.workers, a.rows_per_shard,
+        bpe_train_mb=a.bpe_train_mb, progress=not a.quiet)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -82,9 +82,9 @@ def _file_format(files, opts):
 def load_rows(src):
     """The source's rows as a streaming iterable of dicts (datasets.IterableDataset) or of {'text': ...}."""
     if src.kind == "offline":
-        from data_prep import offline
+        from data_prep import stdlib_corpus
         max_mb = float(src.opts.get("max_mb", 0)) or None
-        return ({"text": t} for t in offline.all_documents(max_bytes=int(max_mb * 2 ** 20) if max_mb else None))
+        return ({"text": t} for t in stdlib_corpus.all_documents(max_bytes=int(max_mb * 2 ** 20) if max_mb else None))
     import datasets
     if src.kind == "hf":
         return datasets.load_dataset(src.target, src.opts.get("config"), split=src.opts.get("split", "train"),

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from distillery import atomic
+from distillery.errors import ConfigError
 
-class ConfigError(ValueError):
-    pass
+
 
 
 @dataclass
@@ -162,7 +163,4 @@ def to_dict(cfg):
 
 
 def save_config(cfg, path):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    atomic.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

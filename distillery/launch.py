@@ -27,3 +27,12 @@ def init_distributed():
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return dist.get_rank(), dist.get_world_size()
+
+
+def rank_world():
+    """(rank, world size): from the process group when one is up, else from the launcher's environment (before
+    init), else (0, 1). The one place the project asks which rank it is."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -15,34 +15,11 @@ Contract (all sums are over target positions t with targets[t] != ignore_index o
 The trainer folds the mix weights and the global token normalisation into w_ce and w_kd (see train.py), so
 gradient accumulation and data parallelism never double-normalise (peers_and_pitfalls.md, trap 3).
 """
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-DIAG_KEYS = ("student_entropy", "teacher_entropy", "kl", "top1_agree", "teacher_p_true")
-
-
-@dataclass
-class LossParts:
-    loss: torch.Tensor
-    ce_sum: torch.Tensor
-    kd_sum: torch.Tensor
-    n_tokens: torch.Tensor
-    diag: dict = field(default_factory=dict)
-
-
-def diagnostics(s_logp, t_logp, y):
-    """Per-token sums of the paper's logit diagnostics at T = 1. s_logp, t_logp: [N, V] fp32; y: [N]."""
-    s_p, t_p = s_logp.exp(), t_logp.exp()
-    return {
-        "student_entropy": -(s_p * s_logp).sum(-1).sum(),
-        "teacher_entropy": -(t_p * t_logp).sum(-1).sum(),
-        "kl": (t_p * (t_logp - s_logp)).sum(-1).sum(),
-        "top1_agree": (s_logp.argmax(-1) == t_logp.argmax(-1)).float().sum(),
-        "teacher_p_true": t_p.gather(-1, y[:, None]).squeeze(-1).sum(),
-    }
+from distillery.fused_kd import fused_loss
+from distillery.loss_parts import DIAG_KEYS, IGNORE_INDEX, LossParts, diagnostics, shift_targets  # noqa: F401
 
 
 def plain_loss(*, student_hidden, student_weight, targets, teacher_hidden=None, teacher_weight=None, kd_vocab=None,
@@ -77,12 +54,11 @@ def plain_loss(*, student_hidden, student_weight, targets, teacher_hidden=None, 
     return LossParts(loss=loss, ce_sum=ce_sum.detach(), kd_sum=kd_sum.detach(), n_tokens=n, diag=diag)
 
 
-IMPLS = {"plain": plain_loss}
+# The loss paths, a fixed table: loss_impl=plain|fused selects one (distillery/config.py checks the name).
+IMPLS = {"plain": plain_loss, "fused": fused_loss}
 
 
 def compute_loss(impl="plain", **kw):
-    if impl not in IMPLS and impl == "fused":
-        from distillery import fused_kd  # noqa: F401  (registers IMPLS["fused"])
     if impl not in IMPLS:
         raise ValueError(f"unknown loss_impl {impl!r}; known: {', '.join(sorted(IMPLS))}")
     return IMPLS[impl](**kw)

@@ -14,7 +14,9 @@ import shutil
 
 import torch
 
-from distillery.shards import DataError, check_tokenizer
+from distillery import atomic
+from distillery.errors import ConfigError, DataError
+from distillery.shards import check_tokenizer
 
 LLAMA3 = dict(arch="llama", heads=32, kv_heads=8, head_dim=128, vocab=128256, tie=False, rope_theta=500000.0,
               rms_eps=1e-5)
@@ -53,7 +55,7 @@ def hf_config(preset, data_vocab, seq_len, attn_impl="auto"):
     """transformers config for a preset. Tiny presets take the data's vocab; paper presets keep theirs and must
     hold the data's tokenizer."""
     if preset not in PRESETS:
-        raise DataError(f"unknown student preset {preset!r}; presets: {', '.join(PRESETS)} "
+        raise ConfigError(f"unknown model preset {preset!r}; presets: {', '.join(PRESETS)} "
                         f"(or set student_init=<hf dir>)")
     p = PRESETS[preset]
     vocab = p["vocab"] or data_vocab
@@ -66,7 +68,10 @@ def hf_config(preset, data_vocab, seq_len, attn_impl="auto"):
                   intermediate_size=p["ffn"], rms_norm_eps=p["rms_eps"], tie_word_embeddings=p["tie"],
                   max_position_embeddings=max(seq_len, 8192), use_cache=False,
                   rope_parameters={"rope_type": "default", "rope_theta": p["rope_theta"]})
-    cls = LlamaConfig if p["arch"] == "llama" else Qwen3Config
+    families = {"llama": LlamaConfig, "qwen3": Qwen3Config}  # a new family: its config class here + a preset
+    if p["arch"] not in families:
+        raise ConfigError(f"preset {preset!r} has architecture {p['arch']!r}; supported: {', '.join(families)}")
+    cls = families[p["arch"]]
     cfg = cls(**common)
     cfg._attn_implementation = attn_implementation(attn_impl)
     return cfg
@@ -149,16 +154,12 @@ def export_hf(lm, out_dir, data_dir, dtype, extra_files=None, rank=0):
                 sd[name] = p.detach().to("cpu", dtype).clone()
     if rank != 0:
         return
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    lm.config.save_pretrained(tmp)
-    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    tok_dir = os.path.join(data_dir, "tokenizer")
-    for fn in sorted(os.listdir(tok_dir)) if os.path.isdir(tok_dir) else []:
-        shutil.copy(os.path.join(tok_dir, fn), tmp)
-    for fn, src in (extra_files or {}).items():
-        shutil.copy(src, os.path.join(tmp, fn))
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic.atomic_path(out_dir) as tmp:
+        os.makedirs(tmp)
+        lm.config.save_pretrained(tmp)
+        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        tok_dir = os.path.join(data_dir, "tokenizer")
+        for fn in sorted(os.listdir(tok_dir)) if os.path.isdir(tok_dir) else []:
+            shutil.copy(os.path.join(tok_dir, fn), tmp)
+        for fn, src in (extra_files or {}).items():
+            shutil.copy(src, os.path.join(tmp, fn))

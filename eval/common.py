@@ -7,12 +7,13 @@ import os
 
 import torch
 
+from distillery.atomic import write_json  # noqa: F401  (eval tools write their results with it)
+from distillery.errors import EvalError  # noqa: F401
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
 
-class EvalError(ValueError):
-    """A problem with what was asked for; the message says what to do."""
 
 
 def resolve_model_dir(path):
@@ -64,13 +65,10 @@ def run_config(path):
 
 
 def data_dir_from_run(path):
-    """The data directory a run trained on, read from its config.yaml (keys tried: data.dir, data.path, data_dir)."""
-    cfg = run_config(path)
-    data = cfg.get("data")
-    for v in ((data.get("dir"), data.get("path"), data.get("data_dir")) if isinstance(data, dict) else (data,)) + (
-            cfg.get("data_dir"),):
-        if isinstance(v, str) and os.path.isfile(os.path.join(v, "index.json")):
-            return v
+    """The data directory a run trained on (its config.yaml's `data`), or None when that is not a data set."""
+    data = run_config(path).get("data")
+    if isinstance(data, str) and os.path.isfile(os.path.join(data, "index.json")):
+        return data
     return None
 
 
@@ -102,14 +100,6 @@ def check_compatible(model, data_dir=None, tokenizer=None, name="model"):
         if tokenizer is not None and want and shards.vocab_hash(tokenizer) != want:
             raise EvalError(f"{name}'s tokenizer differs from the data set's ({data_dir!r}); evaluate on sets "
                             f"tokenized with the model's tokenizer")
-
-
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def auto_device(device=None):

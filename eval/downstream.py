@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from distillery.launch import rank_world
+
 # (task, shots, metric): the paper's main table, then the other tasks it used.
 PAPER_TASKS = [("hellaswag", 0, "acc_norm"), ("arc_easy", 0, "acc_norm"), ("piqa", 0, "acc_norm"), ("sciq", 0, "acc"),
                ("winogrande", 5, "acc"), ("boolq", 5, "acc"), ("mmlu", 5, "acc"), ("mathqa", 5, "acc")]
@@ -65,12 +67,6 @@ def task_specs(names):
 
 
 # --------------------------------------------------------------------------------------------------- scoring core
-def _dist_info():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class Scorer:
     """Log-likelihood of token continuations with a `logits_fn(input_ids [b, L]) -> logits [b, L, V]`.
 
@@ -225,7 +221,7 @@ def scorer_from_engine(engine, tokenizer, strategy="lockstep", lm_attr="lm", max
     Every rank must build it and use it in the same order (see the module doc)."""
     if strategy not in ("lockstep", "gathered"):
         raise ValueError(f"strategy must be 'lockstep' or 'gathered', got {strategy!r}")
-    rank, world = _dist_info()
+    rank, world = rank_world()
     hf = getattr(engine.module, lm_attr) if lm_attr else engine.module
     if device is None:
         device = getattr(engine, "device", None) or next(hf.parameters()).device
@@ -460,4 +456,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from distillery.errors import cli
+    cli(main)

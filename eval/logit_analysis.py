@@ -233,4 +233,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from distillery.errors import cli
+    cli(main)

@@ -77,11 +77,14 @@ def evaluate_sets(loss_fn, sets, window=DEFAULT_WINDOW, max_windows=DEFAULT_MAX_
 def hf_loss_fn(model):
     """loss_fn for a Hugging Face causal LM (plain or ZeRO-3 partitioned): CE of tokens 1..W-1 of each window, summed
     in fp32 from the model's logits."""
+    from distillery.loss_parts import IGNORE_INDEX, shift_targets
+
     def fn(x):
-        logits = model(input_ids=x).logits[:, :-1].float()
-        y = x[:, 1:]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
-        return ce, y.numel()
+        logits = model(input_ids=x).logits.float()                          # [b, W, V]
+        y = shift_targets(x)                                                 # [b, W], last position ignored
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
+                             reduction="sum")
+        return ce, int((y != IGNORE_INDEX).sum())
     return fn
 
 
@@ -94,31 +97,25 @@ def engine_loss_fn(engine, **call_kw):
     engine(input_ids=window, targets=window shifted left with -100 last, w_ce=1.0, w_kd=0.0, **call_kw) -> a dict
     (or LossParts) with ce_sum and n_tokens. Same targets as hf_loss_fn: W - 1 per window. call_kw: e.g.
     impl=cfg.loss_impl, chunk_size=cfg.loss_chunk_size."""
-    from distillery.loss import IGNORE_INDEX
+    from distillery.loss_parts import shift_targets
     kw = {"w_ce": 1.0, "w_kd": 0.0, **call_kw}
 
     def fn(x):
-        y = torch.full_like(x, IGNORE_INDEX)
-        y[:, :-1] = x[:, 1:]
-        parts = engine(input_ids=x, targets=y, **kw)
+        parts = engine(input_ids=x, targets=shift_targets(x), **kw)
         return _field(parts, "ce_sum"), _field(parts, "n_tokens")
     return fn
 
 
 def engine_call_kw(cfg):
-    """The loss keywords the trainer passes to its engine, read from its config (absent keys are left out)."""
-    out = {}
-    for key, name in (("impl", "loss_impl"), ("chunk_size", "loss_chunk_size")):
-        v = cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
-        if v is not None:
-            out[key] = v
-    return out
+    """The loss keywords the trainer passes to its engine for evaluation, from its Config."""
+    return {"impl": cfg.loss_impl, "chunk_size": cfg.loss_chunk_size}
 
 
 def evaluate_engine(engine, sets, window=DEFAULT_WINDOW, max_windows=DEFAULT_MAX_WINDOWS, batch_size=1, **call_kw):
     """evaluate_sets on the trainer's live engine (ZeRO-3 or not). Collective: call on every rank, same sets. The
     module is put in eval mode for the duration and restored."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    from distillery.launch import rank_world
+    rank, world = rank_world()
     device = getattr(engine, "device", None) or "cpu"
     module = getattr(engine, "module", engine)
     was_training = module.training
@@ -130,16 +127,12 @@ def evaluate_engine(engine, sets, window=DEFAULT_WINDOW, max_windows=DEFAULT_MAX
         module.train(was_training)
 
 
-def log_results(writer, step, results, prefix="eval"):
-    """TensorBoard scalars <prefix>/<set>/ppl and <prefix>/<set>/ce (writer may be None: non-zero ranks); returns the
-    flat {tag: value} dict, e.g. for the trainer's metrics."""
+def flat_results(results, prefix="eval"):
+    """{set: windowed_eval(...)} -> flat scalars {"<prefix>/<set>/ppl": ..., "<prefix>/<set>/ce": ...}."""
     flat = {}
     for name, r in results.items():
         flat[f"{prefix}/{name}/ppl"] = r["ppl"]
         flat[f"{prefix}/{name}/ce"] = r["ce"]
-    if writer is not None:
-        for tag, v in flat.items():
-            writer.add_scalar(tag, v, step)
     return flat
 
 
@@ -178,4 +171,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from distillery.errors import cli
+    cli(main)

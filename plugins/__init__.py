@@ -7,9 +7,11 @@ Kinds and their call signatures (always called with keyword arguments):
   mix             fn(alpha) -> (w_ce, w_kd): the loss is w_ce * CE + w_kd * KD. Mixes are linear in CE and KD on
                   purpose: the fused KD head folds the weights into the gradients it computes in its single pass.
   alpha_schedule  fn(step, total_steps, alpha, start, end, warmup_frac, decay_frac) -> float
-  callback        a class; the trainer makes one instance per run and calls its hooks on every rank in config
-                  order: on_train_start, on_step_end (may add namespaced keys to `metrics`), on_eval,
-                  on_checkpoint, on_train_end. Callbacks observe; they never step the engine.
+  callback        a subclass of plugins.base.Callback (every hook a documented no-op there); the trainer makes one
+                  instance per run with the options at callback_args.<name> and calls its hooks on every rank in
+                  config order: on_train_start, on_step_end (may add namespaced keys to `metrics`), on_log (writers),
+                  on_eval, on_checkpoint, on_train_end, on_error; state_dict/load_state_dict ride in checkpoints.
+                  Callbacks observe; they never step the engine.
 
 Adding one: drop a file into plugins/ (see plugins/_template.py); every non-underscore module here is imported by
 load_all(), so nothing else needs editing. `python train.py --list-plugins` shows what is registered.
@@ -17,12 +19,13 @@ load_all(), so nothing else needs editing. `python train.py --list-plugins` show
 import importlib
 import pkgutil
 
+from distillery.errors import PluginError
+from plugins.base import Callback, Context  # noqa: F401  (what a callback plugin imports)
+
 KINDS = ("divergence", "mix", "alpha_schedule", "callback")
 _REGISTRY = {kind: {} for kind in KINDS}
 
 
-class PluginError(ValueError):
-    pass
 
 
 def register(kind, name):
@@ -31,6 +34,11 @@ def register(kind, name):
         raise PluginError(f"unknown plugin kind {kind!r}; kinds are {', '.join(KINDS)}")
 
     def deco(obj):
+        if kind == "callback":
+            if not (isinstance(obj, type) and issubclass(obj, Callback)):
+                raise PluginError(f"callback {name!r} ({obj.__module__}) must subclass plugins.Callback; see "
+                                  f"plugins/_template.py")
+            obj.name = name
         if name in _REGISTRY[kind]:
             prev = _REGISTRY[kind][name]
             raise PluginError(f"{kind} plugin {name!r} is registered twice ({prev.__module__} and {obj.__module__}); "
@@ -65,7 +73,14 @@ def load_all():
     _loaded = True
     for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if not mod.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{mod.name}")
+            try:
+                importlib.import_module(f"{__name__}.{mod.name}")
+            except PluginError:
+                raise
+            except Exception as e:  # a broken plugin file would otherwise break every run with a traceback
+                where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
+                raise PluginError(f"plugins/{mod.name}.py failed to import{where}: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}; fix or remove that file") from e
 
 
 def describe():

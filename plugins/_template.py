@@ -1,8 +1,10 @@
 """Template: copy to plugins/my_thing.py (no leading underscore) and it is registered at start-up.
 
-Select it in a config by name: divergence=my_kl, mix=..., alpha_schedule=..., callbacks=[...,my_callback].
+Select it in a config by name: divergence=my_kl, mix=..., alpha_schedule=..., callbacks=[...,my_callback], and give
+a callback its options under callback_args (YAML: `callback_args: {my_callback: {every: 100}}`; command line:
+`callback_args={my_callback: {every: 100}}`). Hooks and their arguments: plugins/base.py.
 """
-from plugins import register
+from plugins import Callback, register
 
 
 @register("divergence", "my_kl")   # a divergence: per-token D(teacher || student) on fp32 log-probs [N, V] -> [N]
@@ -12,22 +14,24 @@ def my_kl(s_logp, t_logp, **divergence_args):
 
 
 @register("callback", "my_callback")
-class MyCallback:
-    """Hooks are optional; all are called with keyword arguments on every rank, in config order."""
-    wants_diagnostics = False  # True makes the loss compute entropy/agreement sums (passed as diag=)
+class MyCallback(Callback):
+    """Counts log steps with a loss above a threshold; reports the count every `every` steps."""
+    options = {"threshold": 10.0, "every": 100}   # the only keys callback_args.my_callback may set
+    wants_diagnostics = False                     # True: the loss also computes entropy/agreement sums (diag=)
 
-    def on_train_start(self, cfg=None, engine=None, run_dir=None, rank=0, **_):
-        pass
+    def __init__(self, **opts):
+        super().__init__(**opts)                  # checks the options; self.opts = defaults updated with them
+        self.high = 0
 
-    def on_step_end(self, step=0, metrics=None, **_):
-        if metrics is not None:          # a dict on log steps only: add namespaced keys, do not .item() elsewhere
-            metrics["my/thing"] = 0.0
+    def on_step_end(self, ctx, step, metrics, diag):
+        if metrics is not None:                   # a dict on log steps only: read it, add namespaced keys
+            self.high += metrics["loss/total"] > self.opts["threshold"]
+            metrics["my/high_loss_steps"] = self.high
+        if step % self.opts["every"] == 0:
+            ctx.log(step, {"my/high_loss_steps_report": self.high})  # to every writer and metrics.jsonl
 
-    def on_eval(self, step=0, results=None, **_):
-        pass
+    def state_dict(self):                         # saved in checkpoints: a resumed run keeps counting
+        return {"high": self.high}
 
-    def on_checkpoint(self, step=0, path=None, **_):
-        pass
-
-    def on_train_end(self, step=0, export_dir=None, **_):
-        pass
+    def load_state_dict(self, state):
+        self.high = state["high"]

@@ -5,24 +5,19 @@
 The first run is the reference; PPL change % = (ppl - ppl_baseline) / ppl_baseline x 100 (paper_setup.md).
 """
 import argparse
-import json
 import math
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from distillery import runlog  # noqa: E402
+from distillery.errors import cli  # noqa: E402
 
 
 def final_eval(run_dir):
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {path} not found; train that run first")
-    last, curve = {}, []
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if any(k.startswith("eval/") for k in r):
-                last = r
-            elif "loss/ce" in r:
-                curve.append((r["tokens/seen"], r["loss/ce"]))
-    return {k.split("/")[1]: v for k, v in last.items() if k.endswith("/loss")}, curve
+    """({eval set: final loss}, [(tokens seen, train CE)])."""
+    train, _ = runlog.read_metrics(run_dir)
+    return runlog.final_losses(run_dir), [(r["tokens/seen"], r["loss/ce"]) for _, r in sorted(train.items())]
 
 
 def main(argv=None):
@@ -67,4 +62,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -15,7 +15,6 @@ is what makes small distillation gains visible. Output: a table, runs/<sweep>/su
 """
 import argparse
 import itertools
-import json
 import math
 import os
 import shlex
@@ -23,6 +22,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from distillery import atomic, runlog  # noqa: E402
+from distillery.errors import cli  # noqa: E402
 from distillery.launch import free_port  # noqa: E402
 
 
@@ -42,16 +43,9 @@ def run_name(sweep, point, seed):
 
 def final_losses(run_dir):
     """Last evaluation of a run: {set: loss}, or None if it has not finished."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isdir(os.path.join(run_dir, "export")) or not os.path.isfile(path):
+    if not os.path.isdir(os.path.join(run_dir, "export")) or not os.path.isfile(runlog.metrics_path(run_dir)):
         return None
-    last = {}
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if any(k.startswith("eval/") for k in r):
-                last = r
-    return {k.split("/")[1]: v for k, v in last.items() if k.endswith("/loss")}
+    return runlog.final_losses(run_dir)
 
 
 def mean_se(xs):
@@ -159,13 +153,11 @@ def main(argv=None):
     print_table(summary)
     os.makedirs(os.path.join("runs", a.name), exist_ok=True)
     out = os.path.join("runs", a.name, "summary.json")
-    with open(out + ".tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(out + ".tmp", out)
+    atomic.write_json(out, summary)
     plot(summary, os.path.join("runs", a.name, "summary.png"))
     print(f"summary: {out} and summary.png")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -52,6 +52,11 @@ def foreign_teacher(data_dir, tmp_path_factory):
     (["alpha=1.5"], ConfigError, "alpha=1.5 must be in [0, 1]"),
     (["alpha=zero"], ConfigError, "wants float"),
     (["train_tokens=10", "alpha=0"], ConfigError, "less than one global batch"),
+    (["callback_args={eval_final: {windw: 3}}", "alpha=0"], PluginError,
+     "callback eval_final: unknown option(s) windw; known: batch_size, data"),
+    (["callback_args={eval_downstream: {every: 5}}", "alpha=0"], PluginError,
+     "callback_args names eval_downstream, which is not in callbacks="),
+    (["callbacks=[eval_downstream]", "alpha=0"], PluginError, "eval_downstream needs tasks"),
 ])
 def test_bad_input_errors(data_dir, tmp_path, overrides, exc, needle):
     with pytest.raises(exc) as e:
@@ -93,8 +98,8 @@ def test_padded_teacher_vocab_is_accepted(data_dir, tmp_path):
     from distillery.models import hf_config
     hf = hf_config("micro", cfg["vocab_size"] + 64, 64)
     AutoModelForCausalLM.from_config(hf).save_pretrained(t)
-    *_, kd_vocab = resolve(data_dir, tmp_path / "runs", f"teacher={t}", "alpha=0.5")
-    assert kd_vocab == cfg["vocab_size"]
+    plan = resolve(data_dir, tmp_path / "runs", f"teacher={t}", "alpha=0.5")
+    assert plan.objective.kd_vocab == cfg["vocab_size"]
 
 
 def test_cli_prints_one_line_and_exits_2(data_dir, tmp_path):
@@ -105,3 +110,18 @@ def test_cli_prints_one_line_and_exits_2(data_dir, tmp_path):
     lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "teacher '/no/such/dir' not found" in lines[0]
     assert not os.listdir(tmp_path)
+
+
+def test_callback_error_prints_one_line(data_dir, tmp_path):
+    """An evaluation callback's error (here: eval_final told to read a data dir that does not exist) stops the run
+    before its first step with one `error:` line and exit code 2, not a traceback."""
+    p = subprocess.run([sys.executable, "train.py", "--ds_config", "ds_configs/cpu.json", f"data={data_dir}",
+                        f"out_dir={tmp_path}", *BASE, "alpha=0", "name=cb", "callbacks=[eval_final]",
+                        "callback_args={eval_final: {data: /no/such/evals}}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=clean_env())
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert lines == ["error: eval_final: no data dir at '/no/such/evals'; set callback_args.eval_final.data to a "
+                     "data_prep output directory"]
+    assert "Traceback" not in p.stderr
+    assert not os.path.exists(tmp_path / "cb" / "metrics.jsonl")  # no step ran

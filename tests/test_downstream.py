@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eval import downstream as D
-from eval import testing as T
+import harness as T
 
 DOCS = [
     {"query": "Question: What is ice?\nAnswer:", "choices": ["frozen water", "a cat", "Paris"], "gold": 0},

@@ -13,7 +13,7 @@ import torch
 import plugins
 from distillery import shards
 from eval import common, downstream, ppl
-from eval import testing as T
+import harness as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MC = [{"query": f"Question {i}: what is {i} plus {i}?\nAnswer:", "choices": [str(2 * i), str(i), "water" * (i % 3 + 1)]
@@ -26,6 +26,9 @@ class FakeWriter:
 
     def add_scalar(self, tag, value, step):
         self.scalars[(tag, step)] = value
+
+    def flush(self):
+        pass
 
 
 class FakeEngine:
@@ -42,10 +45,20 @@ class FakeEngine:
 
 
 def trainer_cfg(data, **extra):
-    """The trainer's config fields the callbacks read (distillery/config.py), as a plain object."""
-    from types import SimpleNamespace
-    return SimpleNamespace(data=data, eval_sets=["a", "b"], eval_window=32, eval_max_windows=4, eval_batch_size=2,
-                           loss_impl="plain", loss_chunk_size=1024, **extra)
+    """The trainer's typed config with the eval settings the callbacks read."""
+    from distillery.config import Config
+    return Config(data=data, eval_sets=["a", "b"], eval_window=32, eval_max_windows=4, eval_batch_size=2,
+                  loss_impl="plain", loss_chunk_size=1024, **extra)
+
+
+def run_ctx(cfg, engine, run_dir, names, writer=None):
+    """The callbacks named in `names` built as the trainer builds them (options from cfg.callback_args), with the
+    Context they get, its log() bound as in the trainer (metrics.jsonl in run_dir)."""
+    from plugins.base import Callbacks, Context
+    cbs = Callbacks.build(names, cfg.callback_args)
+    ctx = Context(cfg=cfg, engine=engine, run_dir=str(run_dir), writer=writer or FakeWriter(), end_step=5,
+                  total_steps=5)
+    return cbs, cbs.bind(ctx, metrics_path=os.path.join(str(run_dir), "metrics.jsonl"))
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +80,15 @@ def test_registered():
 
 
 def test_eval_final_single_process(env, tmp_path):
-    cb = plugins.get("callback", "eval_final")()  # the trainer instantiates callbacks without arguments
     cfg = trainer_cfg(env["data"])
     w, metrics = FakeWriter(), {}
     engine = FakeEngine(env["model"])
     engine.module.train()
-    cb.on_eval(step=3, results={"eval/a/loss": 1.0, "eval/a/ppl": math.e}, engine=engine, cfg=cfg)
-    cb.on_train_end(engine=engine, cfg=cfg, run_dir=str(tmp_path), step=5, writer=w, metrics=metrics,
-                    export_dir="x")
+    cbs, ctx = run_ctx(cfg, engine, tmp_path, ["eval_final", "tensorboard"], w)
+    cb = cbs.items[0]
+    cbs("on_eval", ctx, step=3, results={"eval/a/loss": 1.0, "eval/a/ppl": math.e})
+    cbs("on_train_end", ctx, step=5, export_dir="x", metrics=metrics)
+    ctx.log(5, metrics)  # what the trainer does with the end-of-run metrics
     assert engine.module.training  # restored
     out = json.load(open(tmp_path / "eval" / "final.json"))
     assert out["source"] == "computed" and out["export_dir"] == "x"
@@ -86,21 +100,27 @@ def test_eval_final_single_process(env, tmp_path):
         assert w.scalars[(f"final/{name}/ppl", 5)] == pytest.approx(want[name]["ppl"], rel=1e-6)
         assert metrics[f"final/{name}/ppl"] == out["ppl"][name]["ppl"]
     assert out["window"] == 32 and out["step"] == 5 and out["last_in_loop_eval"]["step"] == 3
+    assert cb.result == out
     # the trainer's own eval at the final step, same sets and window: reused, no second pass
-    cb2 = plugins.get("callback", "eval_final")()
-    cb2.on_eval(step=5, results={f"eval/{n}/loss": want[n]["ce"] for n in want}, cfg=cfg)
-    r2 = cb2.on_train_end(engine=engine, cfg=cfg, run_dir=str(tmp_path / "r2"), step=5)
+    cbs2, ctx2 = run_ctx(cfg, engine, tmp_path / "r2", ["eval_final"])
+    cbs2("on_eval", ctx2, step=5, results={f"eval/{n}/loss": want[n]["ce"] for n in want})
+    cbs2("on_train_end", ctx2, step=5, export_dir=None, metrics={})
+    r2 = cbs2.items[0].result
     assert r2["source"] == "in_loop_eval"
     for n in want:
         assert r2["ppl"][n] == pytest.approx(want[n])
     # options from the config (callback_args) override the trainer's eval settings
-    cb3 = plugins.get("callback", "eval_final")()
-    r3 = cb3.on_train_end(engine=engine, cfg=trainer_cfg(env["data"], callback_args={"eval_final": {
-        "sets": ["b"], "window": 16, "path": "eval/f16.json"}}), run_dir=str(tmp_path), step=5)
+    cfg3 = trainer_cfg(env["data"], callbacks=["eval_final"],
+                       callback_args={"eval_final": {"sets": ["b"], "window": 16, "path": "eval/f16.json"}})
+    cbs3, ctx3 = run_ctx(cfg3, engine, tmp_path, ["eval_final"])
+    cbs3("on_train_end", ctx3, step=5, export_dir=None, metrics={})
+    r3 = cbs3.items[0].result
     assert list(r3["ppl"]) == ["b"] and r3["ppl"]["b"]["windows"] == 4 and r3["window"] == 16
     assert (tmp_path / "eval" / "f16.json").exists()
+    cbs4, ctx4 = run_ctx(trainer_cfg(env["data"], callback_args={"eval_final": {"data": str(tmp_path / "none")}}),
+                         engine, tmp_path, ["eval_final"])
     with pytest.raises(common.EvalError, match="no data dir"):
-        cb.on_train_end(engine=engine, cfg={}, run_dir=str(tmp_path), step=5)
+        cbs4("on_train_end", ctx4, step=5, export_dir=None, metrics={})
     with pytest.raises(ValueError, match="unknown option"):
         plugins.get("callback", "eval_final")(windw=3)
 
@@ -108,24 +128,28 @@ def test_eval_final_single_process(env, tmp_path):
 def test_eval_downstream_single_process(env, tmp_path):
     cls = plugins.get("callback", "eval_downstream")
     with pytest.raises(ValueError, match="needs tasks"):
-        cls().on_train_start(cfg=trainer_cfg(env["data"]))
-    # options as flat config keys downstream_<option>
-    cb = cls()
-    cb.on_train_start(cfg=trainer_cfg(env["data"], downstream_steps=[2], downstream_every=5,
-                                      downstream_local={"mc": {"path": env["mc"], "metric": "acc_norm"}}))
-    assert [s for s in range(12) if cb.due(s)] == [2, 5, 10]
-    cb = cls(steps=[2], local={"mc": {"path": env["mc"], "metric": "acc_norm"}}, batch_size=3)
-    cfg = trainer_cfg(env["data"])
+        cls()
+    # options from the run config's callback_args, as the trainer passes them
+    local = {"mc": {"path": env["mc"], "metric": "acc_norm"}}
+    cbs, _ = run_ctx(trainer_cfg(env["data"], callback_args={"eval_downstream": {"steps": [2], "every": 5,
+                                                                                   "local": local}}),
+                     FakeEngine(env["model"]), tmp_path / "unused", ["eval_downstream"])
+    assert [s for s in range(12) if cbs.items[0].due(s)] == [2, 5, 10]
+    cfg = trainer_cfg(env["data"], callback_args={"eval_downstream": {"steps": [2], "local": local, "batch_size": 3}})
     w, metrics = FakeWriter(), {}
-    engine = FakeEngine(env["model"])
+    cbs, ctx = run_ctx(cfg, FakeEngine(env["model"]), tmp_path, ["eval_downstream", "tensorboard"], w)
     for step in (1, 2, 3):
-        cb.on_step_end(step=step, engine=engine, cfg=cfg, run_dir=str(tmp_path), writer=w, metrics=metrics)
+        cbs("on_step_end", ctx, step=step, metrics=metrics, diag={})
     want = downstream.evaluate_local(downstream.scorer_from_model(env["model"], env["tok"]), env["mc"])
     assert metrics["downstream/mc"] == pytest.approx(want["acc_norm"])
     assert w.scalars[("downstream/mc/acc", 2)] == pytest.approx(want["acc"])
     assert not any(step != 2 for _, step in w.scalars)
     lines = open(tmp_path / "eval" / "downstream.jsonl").read().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["step"] == 2 and json.loads(lines[0])["strategy"] == "lockstep"
+    # the history is the callback's state: a resumed run's callback continues with it
+    fresh = cls(steps=[2], local=local)
+    fresh.load_state_dict(cbs.items[0].state_dict())
+    assert [h["step"] for h in fresh.history] == [2]
 
 
 def _events(path):
@@ -153,7 +177,7 @@ def test_zero3_two_ranks_in_loop_equals_exported_standalone(env, tmp_path):
         pass
     (tmp_path / "job.json").write_text(json.dumps(job))
     try:
-        r = subprocess.run([sys.executable, "-m", "eval.testing", str(tmp_path / "job.json")], cwd=ROOT,
+        r = subprocess.run([sys.executable, "tests/harness.py", str(tmp_path / "job.json")], cwd=ROOT,
                            capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired:
         pytest.fail("2-rank ZeRO-3 evaluation hung")
@@ -168,7 +192,7 @@ def test_zero3_two_ranks_in_loop_equals_exported_standalone(env, tmp_path):
         assert res[0]["ppl"][name]["targets"] == want["targets"]
         assert res[0]["ppl"][name]["ce"] == pytest.approx(want["ce"], rel=1e-5)
     # (b) the exported checkpoint, standalone, as a run directory (export/ + config.yaml)
-    (tmp_path / "run" / "config.yaml").write_text(f"data:\n  dir: {env['data']}\n")
+    (tmp_path / "run" / "config.yaml").write_text(f"data: {env['data']}\n")
     alone = ppl.main(["--model", str(tmp_path / "run"), "--sets", "a", "b", "--window", "32"])
     final = json.load(open(tmp_path / "run" / "eval" / "final.json"))
     for name in ("a", "b"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eval import logit_analysis as LA
-from eval import testing as T
+import harness as T
 
 V = 264
 W, NW = 24, 3

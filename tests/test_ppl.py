@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from distillery import shards
 from eval import common, ppl
-from eval import testing as T
+import harness as T
 
 
 def test_make_windows_edges():
@@ -146,7 +146,7 @@ def model_and_data(tiny, tmp_path_factory):
     mdir = T.save_model(model, str(d / "model"), tok)
     run = d / "runs" / "r1"
     T.save_model(model, str(run / "export"), tok)
-    (run / "config.yaml").write_text(f"data:\n  dir: {data}\n")
+    (run / "config.yaml").write_text(f"data: {data}\n")
     return tok, model, data, mdir, str(run)
 
 

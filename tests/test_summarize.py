@@ -1,6 +1,7 @@
 """scripts/summarize.py: final eval per run, PPL change vs the first run, plot."""
 import json
 import math
+import subprocess
 import sys
 
 import pytest
@@ -35,5 +36,10 @@ def test_table_and_plot(tmp_path, capsys):
 
 
 def test_missing_run_is_one_line_error(tmp_path):
-    with pytest.raises(SystemExit, match="metrics.jsonl not found; train that run first"):
+    from distillery.errors import EvalError
+    with pytest.raises(EvalError, match="metrics.jsonl not found; train that run first"):
         summarize.main([str(tmp_path / "nope"), str(tmp_path / "nope2")])
+    p = subprocess.run([sys.executable, "scripts/summarize.py", str(tmp_path / "nope")], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nope' / 'metrics.jsonl'} not found; train that run first"]

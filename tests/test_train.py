@@ -1,4 +1,5 @@
 """End-to-end trainer behaviour on CPU (gloo): distributed == single rank, exact resume, alpha = 0, export."""
+import json
 import math
 import os
 import subprocess
@@ -10,6 +11,46 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, clean_env, read_metrics, run_inprocess, run_launcher
+from plugins import Callback, names, register
+
+
+class Counter(Callback):
+    """A test callback with an option and state: counts the steps that are multiples of `every`, writes what it saw
+    at the end (and on an error) to <run_dir>/<path>."""
+    options = {"every": 1, "path": "counter.json"}
+
+    def __init__(self, **opts):
+        super().__init__(**opts)
+        self.n, self.resumed_from = 0, None
+
+    def on_train_start(self, ctx):
+        self.resumed_from = self.n
+
+    def on_step_end(self, ctx, step, metrics, diag):
+        self.n += step % self.opts["every"] == 0
+
+    def _write(self, ctx, **extra):
+        if ctx.rank == 0:
+            (REPO / ctx.run_dir / self.opts["path"]).write_text(json.dumps(
+                dict(n=self.n, resumed_from=self.resumed_from, **extra)))
+
+    def on_train_end(self, ctx, step, export_dir, metrics):
+        self._write(ctx, step=step)
+
+    def on_error(self, ctx, step, error):
+        self._write(ctx, step=step, error=type(error).__name__)
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+
+
+if "test_counter" not in names("callback"):
+    register("callback", "test_counter")(Counter)
+COUNTER = ["callbacks=[entropy,progress,tensorboard,eval_final,test_counter]",
+           "callback_args={test_counter: {every: 2}}"]
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +74,14 @@ def test_two_ranks_match_one_rank(kd_run, data_dir, teacher_dir, tmp_path):
 
 
 def test_resume_is_exact(kd_run, data_dir, teacher_dir, tmp_path):
-    """5 steps, stop, resume=auto for 5 more == 10 uninterrupted steps: losses and final weights."""
-    run_inprocess(data_dir, tmp_path, "name=r", f"teacher={teacher_dir}", "alpha=0.4", "max_steps=5")
+    """5 steps, stop, resume=auto for 5 more == 10 uninterrupted steps: losses and final weights. A callback with
+    options from callback_args continues from its checkpointed state."""
+    run_inprocess(data_dir, tmp_path, "name=r", f"teacher={teacher_dir}", "alpha=0.4", "max_steps=5", *COUNTER)
     assert not os.path.exists(tmp_path / "r" / "export")  # stopped early: no export of a half-trained student
-    run_inprocess(data_dir, tmp_path, "name=r", f"teacher={teacher_dir}", "alpha=0.4", "resume=auto")
+    assert json.loads((tmp_path / "r" / "counter.json").read_text()) == {"n": 2, "resumed_from": 0, "step": 5}
+    run_inprocess(data_dir, tmp_path, "name=r", f"teacher={teacher_dir}", "alpha=0.4", "resume=auto", *COUNTER)
+    # every=2 over steps 1..10 counts 2, 4, 6, 8, 10; the resumed process started from the saved 2
+    assert json.loads((tmp_path / "r" / "counter.json").read_text()) == {"n": 5, "resumed_from": 2, "step": 10}
     full, _ = read_metrics(kd_run)
     resumed, _ = read_metrics(tmp_path / "r")
     assert sorted(resumed) == list(range(1, 11))
@@ -158,9 +203,12 @@ def test_nan_loss_stops_before_checkpoint(data_dir, teacher_dir, tmp_path):
         plugins.register("divergence", "test_nan")(lambda s_logp, t_logp, **_: s_logp.sum(-1) * float("nan"))
     with pytest.raises(train.TrainingError, match=r"loss is not finite between steps 1 and 1; resume") as e:
         run_inprocess(data_dir, tmp_path, "name=nan", f"teacher={teacher_dir}", "alpha=0.5", "divergence=test_nan",
-                      "save_interval=1", "eval_interval=-1", "loss_impl=plain")
+                      "save_interval=1", "eval_interval=-1", "loss_impl=plain", *COUNTER)
     assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "nan" / "checkpoints")
+    # every callback heard of it, with the last finished step (none: step 1 never finished)
+    got = json.loads((tmp_path / "nan" / "counter.json").read_text())
+    assert got == {"n": 0, "resumed_from": 0, "step": 0, "error": "TrainingError"}
 
 
 def test_tied_qwen3_student_trains_and_exports(data_dir, teacher_dir, tmp_path):

@@ -1,5 +1,9 @@
-"""Tiny models, tokenizers and token sets for the evaluation tests (and for trying the eval tools without a run)."""
+"""Test harness: tiny models, tokenizers and token sets for the evaluation tests, and a 2-rank CPU ZeRO-3 worker
+(`python tests/harness.py job.json`, what the tests run under a timeout)."""
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
@@ -142,32 +146,30 @@ def zero3_worker(rank, world, port, job):
         sc = downstream.scorer_from_engine(engine, tok, "lockstep", batch_size=2, device="cpu")
         out["harness"] = downstream.run_harness(sc, [(job["task"], 0, "acc")], job["include_path"])
         out["harness_forwards"] = sc.forwards
-    if "callbacks" in job["do"]:
-        from plugins.eval_downstream import EvalDownstream
-        from plugins.eval_final import EvalFinal
-        # the trainer's config fields (distillery/config.py) + callback options the way a config can carry them
-        cfg = {"data": job["data"], "eval_window": job["window"], "eval_max_windows": job["max_windows"],
-               "eval_batch_size": job["batch_size"], "eval_sets": job["sets"], "loss_impl": "plain",
-               "callback_args": {"eval_downstream": {"steps": [2], "batch_size": 2,
-                                                     "local": {"mc": {"path": job["mc"], "metric": "acc_norm"}}}}}
-        writer = None
+    if "callbacks" in job["do"]:  # the hooks in the trainer's order, on the trainer's Config and Context
+        from distillery.config import Config
+        from plugins.base import Callbacks, Context, NullWriter
+        cfg = Config(data=job["data"], eval_window=job["window"], eval_max_windows=job["max_windows"],
+                     eval_batch_size=job["batch_size"], eval_sets=job["sets"], loss_impl="plain",
+                     callbacks=["eval_downstream", "eval_final", "tensorboard"],
+                     callback_args={"eval_downstream": {"steps": [2], "batch_size": 2,
+                                                        "local": {"mc": {"path": job["mc"], "metric": "acc_norm"}}}})
+        writer = NullWriter()
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(os.path.join(job["run_dir"], "tb"))
-        down, final = EvalDownstream(), EvalFinal()
-        for cb in (down, final):
-            if hasattr(cb, "on_train_start"):
-                cb.on_train_start(cfg=cfg, engine=engine, run_dir=job["run_dir"], writer=writer, rank=rank,
-                                  world=world)
+        cbs = Callbacks.build(cfg.callbacks, cfg.callback_args)
+        ctx = cbs.bind(Context(cfg=cfg, engine=engine, run_dir=job["run_dir"], writer=writer, rank=rank, world=world,
+                               end_step=2, total_steps=2))
+        cbs("on_train_start", ctx)
         metrics = {}
         for step in (1, 2):
-            kw = dict(step=step, engine=engine, cfg=cfg, run_dir=job["run_dir"], writer=writer, metrics=metrics)
-            down.on_step_end(**kw)
-        final.on_eval(step=1, results={f"eval/{k}/loss": v["ce"] for k, v in out["ppl"].items()}, cfg=cfg)
-        final.on_train_end(step=2, engine=engine, cfg=cfg, run_dir=job["run_dir"], writer=writer, metrics=metrics)
+            cbs("on_step_end", ctx, step=step, metrics=metrics, diag={})
+        cbs("on_eval", ctx, step=1, results={f"eval/{k}/loss": v["ce"] for k, v in out["ppl"].items()})
+        cbs("on_train_end", ctx, step=2, export_dir=None, metrics=metrics)
+        ctx.log(2, metrics)
         out["callback_metrics"] = metrics
-        if writer is not None:
-            writer.close()
+        writer.close()
     if "export" in job["do"]:  # the trainer's own exporter (gathers one parameter at a time, rank 0 writes)
         from distillery.models import export_hf
         export_hf(lm, job["export"], job["data"], "float32", rank=rank)
@@ -193,7 +195,7 @@ def launch_zero3(job, world=2, port=None):
     return res
 
 
-if __name__ == "__main__":  # python -m eval.testing job.json  (what the tests run, under a timeout)
+if __name__ == "__main__":  # python tests/harness.py job.json  (what the tests run, under a timeout)
     import json as _json
     import sys
     with open(sys.argv[1]) as f:

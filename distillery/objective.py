@@ -1,0 +1,57 @@
+"""The training objective of a run: divergence + mix + alpha schedule, resolved from the config once.
+
+Lu & Liu 2026, eq. 1 (paper_setup.md): L = w_ce(alpha) * CE + w_kd(alpha) * T^2 * D(p_t^T || p_s^T), with
+(w_ce, w_kd) = mix(alpha) and alpha = alpha_schedule(step). The plugins are found by name here, so an unknown name
+fails at start with the known ones listed.
+"""
+import dataclasses
+from typing import Callable, Optional
+
+import plugins
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    divergence: Callable
+    mix: Callable
+    schedule: Callable
+    total_steps: int
+    alpha: float
+    schedule_args: dict          # start, end, warmup_frac, decay_frac of the alpha schedule
+    temperature: float
+    divergence_args: dict
+    impl: str                    # loss_impl: fused | plain
+    chunk_size: int              # rows per fused-head chunk; 0 = automatic
+    kd_vocab: Optional[int] = None  # the vocab shared with the teacher; None = no teacher is loaded
+
+    @classmethod
+    def from_config(cls, cfg, total_steps):
+        return cls(divergence=plugins.get("divergence", cfg.divergence), mix=plugins.get("mix", cfg.mix),
+                   schedule=plugins.get("alpha_schedule", cfg.alpha_schedule), total_steps=total_steps,
+                   alpha=cfg.alpha, schedule_args=dict(start=cfg.alpha_start, end=cfg.alpha_end,
+                                                       warmup_frac=cfg.alpha_warmup_frac,
+                                                       decay_frac=cfg.alpha_decay_frac),
+                   temperature=cfg.temperature, divergence_args=dict(cfg.divergence_args), impl=cfg.loss_impl,
+                   chunk_size=cfg.loss_chunk_size)
+
+    def alpha_at(self, step):
+        """alpha at optimizer step `step` (0-based)."""
+        return self.schedule(step=step, total_steps=self.total_steps, alpha=self.alpha, **self.schedule_args)
+
+    def weights(self, step):
+        """(alpha, w_ce, w_kd) at optimizer step `step`."""
+        alpha = self.alpha_at(step)
+        w_ce, w_kd = self.mix(alpha=alpha)
+        return alpha, w_ce, w_kd
+
+    def needs_teacher(self):
+        """Whether some step gives KD a non-zero weight; alpha = 0 runs never load (or even open) a teacher."""
+        return any(self.weights(s)[2] > 0 for s in range(self.total_steps))
+
+    def loss_kw(self, with_teacher=True):
+        """The keyword arguments of distillery.loss.compute_loss that come from the objective (not the batch)."""
+        kw = dict(impl=self.impl, chunk_size=self.chunk_size)
+        if with_teacher:
+            kw.update(kd_vocab=self.kd_vocab, divergence=self.divergence, divergence_args=self.divergence_args,
+                      temperature=self.temperature)
+        return kw

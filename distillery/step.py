@@ -1,0 +1,98 @@
+"""One KD micro-step, and the step statistics of a log interval: the code both train.py and bench/train_step.py run.
+
+micro_step: teacher forward (no grad) -> gathered teacher head -> student forward + loss (distillery/loss.py) ->
+engine.backward -> engine.step. DeepSpeed owns accumulation: engine.step() each micro-batch only applies the
+update at the accumulation boundary.
+"""
+import contextlib
+import dataclasses
+import time
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from distillery.loss_parts import DIAG_KEYS
+
+
+class Timer:
+    """Device-synchronised wall time of code blocks, when enabled (a sync costs overlap, so the trainer enables it
+    on reported steps only). `with timer(): ...` adds the block's seconds to timer.seconds."""
+
+    def __init__(self, device, enabled=True):
+        self.enabled, self.seconds = enabled, 0.0
+        self._sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        self.seconds += time.perf_counter() - t0
+
+
+def micro_step(engine, teacher, x, y, loss_kw, w_ce, w_kd, want_diag=False, teacher_timer=None):
+    """One micro-batch through teacher and student, backward and (accumulation-aware) step.
+
+    x, y: [mb, S] token rows and their targets on the engine's device. loss_kw: Objective.loss_kw(). w_ce, w_kd: the
+    loss weights with any normalisation folded in. Returns the engine's output dict (loss, ce_sum, kd_sum, n_tokens,
+    diag). The teacher's output weight is gathered for the duration of the student's forward only: the fused head
+    reads it chunk by chunk, and ZeRO-3 releases it right after."""
+    t_hidden, t_weight, gather = None, None, contextlib.nullcontext()
+    if teacher is not None:
+        with teacher_timer() if teacher_timer is not None else contextlib.nullcontext(), torch.no_grad():
+            t_hidden = teacher(x)                                                  # [mb, S, Ht]
+        t_weight = teacher.module.head_weight
+        gather = deepspeed.zero.GatheredParameters([t_weight], modifier_rank=None)
+    with gather:
+        parts = engine(input_ids=x, targets=y, teacher_hidden=t_hidden, teacher_weight=t_weight, w_ce=w_ce,
+                       w_kd=w_kd, want_diag=want_diag and teacher is not None, **loss_kw)
+    engine.backward(parts["loss"])
+    engine.step()
+    return parts
+
+
+@dataclasses.dataclass
+class Summary:
+    """Token means over a log interval, identical on every rank."""
+    total: float
+    ce: float
+    kd: float
+    nonfinite: int        # micro-batches whose loss was not finite
+    diag: dict            # diagnostics' token means (empty when not asked for)
+
+
+class StepStats:
+    """Sums over the micro-batches and steps of one log interval, kept on the device (no host sync per step) and
+    reduced across ranks once per log step."""
+
+    def __init__(self, device, want_diag):
+        self.want_diag = want_diag
+        self._sums = torch.zeros(4 + len(DIAG_KEYS), dtype=torch.float64, device=device)  # total ce kd bad diag..
+        self.tokens, self.steps = 0.0, 0
+
+    def add(self, parts, inv_n, w_ce, w_kd):
+        """One micro-batch: its CE and KD sums as its share of the step's global token mean (x inv_n = 1/N)."""
+        ce, kd = parts["ce_sum"].double() * inv_n, parts["kd_sum"].double() * inv_n
+        self._sums[:4] += torch.stack([w_ce * ce + w_kd * kd, ce, kd, (~torch.isfinite(parts["loss"])).double()])
+        for i, k in enumerate(DIAG_KEYS):
+            if k in parts["diag"]:
+                self._sums[4 + i] += parts["diag"][k].double()
+
+    def end_step(self, n_tokens):
+        self.steps += 1
+        self.tokens += n_tokens
+
+    def summary(self):
+        """All-reduce the interval's sums (collective: every rank calls it on the same steps) and reset."""
+        dist.all_reduce(self._sums)
+        a = self._sums.tolist()
+        out = Summary(total=a[0] / self.steps, ce=a[1] / self.steps, kd=a[2] / self.steps, nonfinite=int(a[3]),
+                      diag={k: a[4 + i] / self.tokens for i, k in enumerate(DIAG_KEYS)} if self.want_diag else {})
+        self._sums.zero_()
+        self.tokens, self.steps = 0.0, 0
+        return out
