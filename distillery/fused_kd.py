@@ -1,6 +1,6 @@
 """Fused KD head (issue 4): CE + KD + diagnostics from last hidden states and output weights, chunk by chunk.
 
-Same contract as `distillery.loss.plain_loss` (read loss.py's docstring), registered as IMPLS["fused"].
+Same contract as `distillery.loss.plain_loss` (read loss.py's docstring), listed as IMPLS["fused"] there.
 
 Why: at vocab 128256 the logits are the largest tensors of a step. The plain path holds several fp32 [N, V] tensors
 for student and teacher (logits, log-softmax, exp, the divergence's intermediates and their gradients). Here one
@@ -22,7 +22,7 @@ Tied embeddings need nothing special: the gradient returned here is added to the
 import torch
 import torch.nn.functional as F
 
-from distillery.loss import DIAG_KEYS, IGNORE_INDEX, IMPLS, LossParts, diagnostics
+from distillery.loss_parts import DIAG_KEYS, IGNORE_INDEX, LossParts, diagnostics
 
 # Auto chunk: about 2^25 logits per chunk, i.e. 128 MiB per fp32 [C, V] buffer, rows a multiple of 64.
 # V = 128256 -> 256 rows (the same as Liger's next_pow2(N / ceil(V / H)) at N = 8192, H = 2048), V = 151936 -> 192,
@@ -69,15 +69,15 @@ def _fp32_out_addmm_ok(device, dtype):
     return _FP32_OUT_MM[key]
 
 
-def _accumulate_weight_grad(grad_w, dl, h):
-    """grad_w [V, H] fp32 += dl^T [V, C] @ h [C, H]. The fp32 accumulator keeps bf16 rounding from growing with the
+def _accumulate_weight_grad(grad_w, dl, h, alpha=1.0):
+    """grad_w [V, H] fp32 += alpha * dl^T [V, C] @ h [C, H]. The fp32 accumulator keeps bf16 rounding from growing with the
     number of chunks; without a mixed-precision kernel each chunk's product is rounded to bf16 once (a [V, H] temp)."""
     if dl.dtype == torch.float32:
-        grad_w.addmm_(dl.t(), h)
+        grad_w.addmm_(dl.t(), h, alpha=alpha)
     elif _fp32_out_addmm_ok(dl.device, dl.dtype):
-        torch.addmm(grad_w, dl.t(), h, out_dtype=torch.float32, out=grad_w)
+        torch.addmm(grad_w, dl.t(), h, alpha=alpha, out_dtype=torch.float32, out=grad_w)
     else:
-        grad_w.add_(dl.t() @ h)
+        grad_w.add_(dl.t() @ h, alpha=alpha)
 
 
 class _Spec:
@@ -85,6 +85,36 @@ class _Spec:
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
+
+
+def _softmax_into(x, out):
+    """softmax over dim 1 of x [C, V] fp32, written into out (which may be x itself). One fused row kernel instead of
+    F.softmax's fresh [C, V] result. Aliasing is safe: each row is fully reduced (max, sum of exp) before any element
+    of it is written, on CPU and CUDA alike."""
+    return torch.ops.aten._softmax.out(x, 1, False, out=out)
+
+
+def _log_softmax_into(x, out):
+    return torch.ops.aten._log_softmax.out(x, 1, False, out=out)
+
+
+def _rowdot(a, b):
+    """sum_v a[c, v] * b[c, v] -> [C] without a [C, V] product temporary (a batched [1, V] x [V, 1] matmul)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _logits_into(h, w, out):
+    """out [C, V] fp32 = h [C, H] @ w[V, H]^T, in the matmul dtype of h; fp32 writes straight into the workspace."""
+    if h.dtype == torch.float32:
+        return torch.mm(h, w.t(), out=out)
+    return out.copy_(h @ w.t())                                                 # bf16 [C, V] temporary, then fp32
+
+
+def _diag_T1(s_v, t, y):
+    """Diagnostics at T = 1 from raw logits s_v [C, v] (student, shared vocab) and t [C, v]: two log-softmax
+    temporaries. Used when T != 1 (the KD softmaxes are at T), before the workspaces are overwritten."""
+    d = diagnostics(F.log_softmax(s_v, -1), F.log_softmax(t, -1), y)
+    return torch.stack([d[k] for k in DIAG_KEYS])
 
 
 def _chunk_objective(s_logits, t_logp_T, y, sp):
@@ -104,10 +134,112 @@ def _chunk_objective(s_logits, t_logp_T, y, sp):
     return ce, kd, s_logp_T
 
 
+def _autograd_chunk(z, t, q, y, sp, need_grad):
+    """Any divergence: the chunk's objective differentiated by autograd. z [C, Vs] student logits, t [C, v] teacher
+    logits or None, q [C, v] workspace (teacher log-probs); z and t are workspace slices, t is overwritten.
+    Returns (ce, kd or None, diag [5] or None, dL/dz [C, Vs] or None, scale 1.0).
+    Live at the peak: the three workspaces plus what the divergence's graph holds (log-softmax, exp, its
+    intermediates and their gradients: about six more [C, V])."""
+    T = sp.temperature
+    t_logp = diag = None
+    if t is not None:
+        with torch.no_grad():
+            if sp.want_diag and T != 1.0:
+                diag = _diag_T1(z[:, :sp.kd_vocab], t, y)
+            t_logp = _log_softmax_into(t.div_(T) if T != 1.0 else t, q)       # [C, v], plain's log_softmax(t / T)
+    dl = None
+    s_logits = z.detach().requires_grad_(need_grad)                             # leaf on the workspace, no copy
+    with torch.set_grad_enabled(need_grad):
+        ce, kd, s_logp_T = _chunk_objective(s_logits, t_logp, y, sp)
+        if need_grad:
+            total = sp.w_ce * ce + (sp.w_kd * kd if kd is not None else 0.0)
+            (dl,) = torch.autograd.grad(total, s_logits)                        # frees this chunk's graph
+    if sp.want_diag and t is not None and T == 1.0:
+        d = diagnostics(s_logp_T.detach(), t_logp, y)
+        diag = torch.stack([d[k] for k in DIAG_KEYS])
+    return ce.detach(), (kd.detach() if kd is not None else None), diag, dl, 1.0
+
+
+def _forward_kl_chunk(z, t, q, y, sp, need_grad):
+    """CE + T^2 KL(p_t^T || p_s^T) in closed form, same contract as _autograd_chunk; z, t and q are all overwritten.
+
+    With lse = logsumexp and q = softmax(t / T), p = softmax(z_v / T) over the shared vocab v:
+        KL = sum_v q (t - z_v) / T - lse(t / T) + lse(z_v / T)          (sum_v q = 1)
+        CE = lse(z) - z_y                                               (full student vocab, T = 1)
+        dL/dz = w_ce (softmax(z) - onehot(y)) + w_kd T (p - q) on the first v columns.
+    lse comes free from the softmax: lse(x) = x_i - log softmax(x)_i at i = argmax (softmax_i >= 1 / V there, so the
+    log is exact to rounding). Per chunk at T = 1, v = Vs: two row maxima, two softmaxes, one subtraction, one row
+    dot and one in-place combination: about 12 reads/writes of [C, V] and two exp per element, against about 30 for
+    autograd through the plugin. Three [C, V] fp32 buffers (the workspaces), nothing else of that size.
+    The diagnostics (T = 1) cost two more row dots; at T != 1 they need their own softmaxes (_diag_T1)."""
+    c, Vs = z.shape
+    rows = torch.arange(c, device=z.device)
+    z_y = z.gather(1, y[:, None]).squeeze(1)                                    # [C], before z is overwritten
+    if t is None:                                                               # CE only (no teacher)
+        m, i = z.max(1)
+        p = _softmax_into(z, z)                                                 # [C, Vs] in place
+        ce = (m - p.gather(1, i[:, None]).squeeze(1).log() - z_y).sum()
+        if not need_grad:
+            return ce, None, None, None, 1.0
+        p[rows, y] -= 1.0
+        return ce, None, None, p, sp.w_ce
+    T, v = sp.temperature, t.shape[1]
+    zv = z[:, :v] if v < Vs else z                                              # [C, v] view
+    want_diag = sp.want_diag
+    diag = _diag_T1(zv, t, y) if want_diag and T != 1.0 else None              # before the in-place steps
+    if T != 1.0:
+        t.div_(T)                                                               # t / T, as plain
+    mt, it = t.max(1)                                                           # [C]
+    _softmax_into(t, q)                                                         # q = p_t [C, v]
+    lse_t = mt - q.gather(1, it[:, None]).squeeze(1).log()
+    ms, i_s = zv.max(1)                                                         # student argmax on the shared vocab
+    t.sub_(zv, alpha=1.0 / T)                                                   # t <- (t - z_v) / T
+    d = _rowdot(q, t)                                                           # sum_v q (t - z_v) / T
+    qz = _rowdot(q, zv) if want_diag and T == 1.0 else None
+    pT = t                                                                      # t is dead: reuse for p_s^T
+    if T == 1.0:
+        _softmax_into(zv, pT)
+    else:
+        _softmax_into(torch.div(zv, T, out=pT), pT)
+    lse_s = (ms / T if T != 1.0 else ms) - pT.gather(1, i_s[:, None]).squeeze(1).log()
+    kl = d - lse_t + lse_s                                                      # [C] KL(p_t || p_s) at T
+    kd = (T * T) * kl.sum()
+    if want_diag and T == 1.0:
+        inside = y < v                                                          # targets beyond the shared vocab
+        p_true = torch.where(inside, q.gather(1, y.clamp(max=v - 1)[:, None]).squeeze(1), 0.0)
+        diag = torch.stack([(lse_s - _rowdot(pT, zv)).sum(),                   # student entropy
+                            (lse_t - d - qz).sum(),                             # teacher: lse - sum q t
+                            kl.sum(), (i_s == it).float().sum(), p_true.sum()])
+    b = sp.w_kd * T
+    if T == 1.0 and v == Vs:                                                    # CE shares the KD softmax
+        ce = (lse_s - z_y).sum()
+        if not need_grad:
+            return ce, kd, diag, None, 1.0
+        a = sp.w_ce + b                                                         # dL/dz = a p - b q - w_ce onehot
+        if a == 0.0:
+            return ce, kd, diag, pT.zero_(), 0.0
+        pT.add_(q, alpha=-b / a)                                                # scale a is folded into the matmuls
+        pT[rows, y] -= sp.w_ce / a
+        return ce, kd, diag, pT, a
+    m1, i1 = (ms, i_s) if v == Vs else z.max(1)
+    p1 = _softmax_into(z, z)                                                    # full-vocab softmax at T = 1
+    ce = (m1 - p1.gather(1, i1[:, None]).squeeze(1).log() - z_y).sum()
+    if not need_grad:
+        return ce, kd, diag, None, 1.0
+    pT.sub_(q)                                                                  # p_s^T - p_t^T
+    if sp.w_ce != 0.0:
+        p1[:, :v].add_(pT, alpha=b / sp.w_ce)
+        p1[rows, y] -= 1.0
+        return ce, kd, diag, p1, sp.w_ce
+    p1.zero_()[:, :v].copy_(pT)
+    return ce, kd, diag, p1, b
+
+
 def _chunk_loop(hs, ws, ht, wt, y, sp, need_h, need_w):
     """The single pass over the vocab. hs [N, Hs], ws [Vs, Hs], ht [N, Ht] / wt [v, Ht] or None, y [N].
     Returns stats [2 + len(DIAG_KEYS)] fp32 (ce_sum, kd_sum, diagnostics), grad_h [N, Hs] or None, grad_w or None."""
     N, Hs = hs.shape
+    Vs = ws.shape[0]
     has_teacher = ht is not None
     w_s = ws.detach().to(sp.s_dtype)                                            # [Vs, Hs]; no copy if same dtype
     w_t = wt.detach().to(sp.t_dtype) if has_teacher else None                   # [v, Ht]
@@ -115,44 +247,40 @@ def _chunk_loop(hs, ws, ht, wt, y, sp, need_h, need_w):
     grad_h = hs.new_empty(N, Hs, dtype=sp.s_dtype) if need_h else None
     grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device) if need_w else None
     stats = torch.zeros(2 + len(DIAG_KEYS), dtype=torch.float32, device=hs.device)
-    T = sp.temperature
-    for i in range(0, N, sp.chunk):
-        h = hs[i:i + sp.chunk].detach().to(sp.s_dtype)                          # [C, Hs]
-        yc = y[i:i + sp.chunk]
-        t_logp_T = t_logits = None
+    C = max(1, min(sp.chunk, N))
+    # The chunk's [C, V] fp32 workspaces, allocated once and reused by every chunk: a fresh 100+ MiB tensor per
+    # chunk and step would be mmap'd and page-faulted in again each time on CPU (~50 ms per 128 MiB buffer).
+    f32 = dict(dtype=torch.float32, device=hs.device)
+    zbuf = torch.empty(C, Vs, **f32)                                            # student logits, then dL/dz
+    tbuf = torch.empty(C, sp.kd_vocab, **f32) if has_teacher else None          # teacher logits, then p_s^T
+    qbuf = torch.empty(C, sp.kd_vocab, **f32) if has_teacher else None          # teacher (log-)probs
+    chunk_fn = sp.chunk_fn
+    for i in range(0, N, C):
+        h = hs[i:i + C].detach().to(sp.s_dtype)                                 # [c, Hs]
+        c = h.shape[0]
+        z = _logits_into(h, w_s, zbuf[:c])                                      # [c, Vs]
+        t = q = None
         if has_teacher:
-            with torch.no_grad():
-                t_logits = (ht[i:i + sp.chunk].to(sp.t_dtype) @ w_t.t()).float()  # [C, v]
-                t_logp_T = F.log_softmax(t_logits / T if T != 1.0 else t_logits, -1)
-        s_logits = (h @ w_s.t()).float()                                        # [C, Vs], no graph behind it
-        with torch.set_grad_enabled(need_grad):
-            s_logits.requires_grad_(need_grad)
-            ce, kd, s_logp_T = _chunk_objective(s_logits, t_logp_T, yc, sp)
-            if need_grad:
-                total = sp.w_ce * ce + (sp.w_kd * kd if kd is not None else 0.0)
-                (dl,) = torch.autograd.grad(total, s_logits)                    # frees this chunk's graph
-        stats[0] += ce.detach()
+            t = _logits_into(ht[i:i + C].to(sp.t_dtype), w_t, tbuf[:c])         # [c, v]
+            q = qbuf[:c]
+        ce, kd, diag, dl, scale = chunk_fn(z, t, q, y[i:i + C], sp, need_grad)
+        stats[0] += ce
         if kd is not None:
-            stats[1] += kd.detach()
-        if sp.want_diag and has_teacher:
-            with torch.no_grad():
-                if T == 1.0:
-                    s1, t1 = s_logp_T.detach(), t_logp_T
-                else:
-                    v = sp.kd_vocab
-                    s1 = F.log_softmax(s_logits.detach()[:, :v], -1)
-                    t1 = F.log_softmax(t_logits, -1)
-                d = diagnostics(s1, t1, yc)
-                stats[2:] += torch.stack([d[k] for k in DIAG_KEYS])
-                del s1, t1, d
-        del s_logits, s_logp_T, t_logp_T, t_logits
+            stats[1] += kd
+        if diag is not None:
+            stats[2:] += diag
         if need_grad:
-            dl = dl.to(sp.s_dtype)                                              # [C, Vs], what autograd feeds mm
+            if sp.s_dtype != torch.float32 and scale != 1.0:
+                dl.mul_(scale)                                                  # bf16: round dL/dz itself once
+                scale = 1.0
+            dl = dl.to(sp.s_dtype)                                              # [c, Vs], what autograd feeds mm
             if need_h:
-                torch.mm(dl, w_s, out=grad_h[i:i + sp.chunk])
+                gh = torch.mm(dl, w_s, out=grad_h[i:i + c])
+                if scale != 1.0:
+                    gh.mul_(scale)                                              # [c, Hs]: cheaper than scaling dl
             if need_w:
-                _accumulate_weight_grad(grad_w, dl, h)
-            del dl
+                _accumulate_weight_grad(grad_w, dl, h, scale)
+        del z, t, q, dl
     return stats, grad_h, grad_w
 
 
@@ -181,10 +309,30 @@ class _FusedKDHead(torch.autograd.Function):
         return gh, gw, None, None, None, None
 
 
+# Closed forms the head knows, by name. A divergence opts in with the attribute `fused_closed_form = "<name>"` (set
+# on the function in plugins/divergences.py, checked by identity of meaning: only when it has no divergence_args);
+# every other divergence, user plugins included, goes through autograd on the chunk.
+CLOSED_FORMS = {"forward_kl": _forward_kl_chunk}
+
+
+def _pick_chunk_fn(has_teacher, divergence, divergence_args, closed_form):
+    if not closed_form:
+        return _autograd_chunk
+    if not has_teacher:
+        return _forward_kl_chunk                                                # its CE-only branch
+    name = getattr(divergence, "fused_closed_form", None)
+    if name in CLOSED_FORMS and not divergence_args:
+        return CLOSED_FORMS[name]
+    return _autograd_chunk
+
+
 def fused_loss(*, student_hidden, student_weight, targets, teacher_hidden=None, teacher_weight=None, kd_vocab=None,
                divergence=None, divergence_args=None, temperature=1.0, w_ce=1.0, w_kd=0.0, want_diag=False,
-               ignore_index=IGNORE_INDEX, chunk_size=0, **_):
-    """Chunked path; arguments as plain_loss, plus chunk_size (rows per chunk; 0 = auto_chunk_rows(vocab))."""
+               ignore_index=IGNORE_INDEX, chunk_size=0, closed_form=True, **_):
+    """Chunked path; arguments as plain_loss, plus
+    chunk_size   rows per chunk; 0 = auto_chunk_rows(vocab);
+    closed_form  True: CE and divergences that declare a closed form (forward_kl) get their values and dL/dlogits
+                 from formulas (fewer passes and buffers); False: autograd on every chunk (the reference route)."""
     mask = targets.reshape(-1) != ignore_index
     y = targets.reshape(-1)[mask]                                               # [N]
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])[mask]            # [N, Hs], small next to [N, V]
@@ -197,14 +345,20 @@ def fused_loss(*, student_hidden, student_weight, targets, teacher_hidden=None, 
             raise ValueError("fused_loss: a teacher was given but no divergence")
     else:
         v, ht, wt = None, None, None
+    divergence_args = dict(divergence_args or {})
     chunk = int(chunk_size) if chunk_size else auto_chunk_rows(student_weight.shape[0])
     sp = _Spec(chunk=max(1, chunk), kd_vocab=v, temperature=float(temperature), w_ce=float(w_ce), w_kd=float(w_kd),
-               divergence=divergence, divergence_args=dict(divergence_args or {}), want_diag=bool(want_diag),
-               s_dtype=_compute_dtype(hs), t_dtype=_compute_dtype(ht) if has_teacher else None)
-    loss, stats = _FusedKDHead.apply(hs, student_weight, ht, wt, y, sp)
+               divergence=divergence, divergence_args=divergence_args, want_diag=bool(want_diag),
+               s_dtype=_compute_dtype(hs), t_dtype=_compute_dtype(ht) if has_teacher else None,
+               chunk_fn=_pick_chunk_fn(has_teacher, divergence, divergence_args, closed_form))
+    if torch.is_grad_enabled() and (hs.requires_grad or student_weight.requires_grad):
+        loss, stats = _FusedKDHead.apply(hs, student_weight, ht, wt, y, sp)
+    else:
+        # No gradient wanted (evaluation, torch.no_grad): no [Vs, Hs] / [N, Hs] gradient buffers, no gradient
+        # matmuls. (Function.apply would still report needs_input_grad from requires_grad under no_grad.)
+        with torch.no_grad(), torch.autocast(device_type=hs.device.type, enabled=False):
+            stats, _, _ = _chunk_loop(hs, student_weight, ht, wt, y, sp, False, False)
+        loss = sp.w_ce * stats[0] + sp.w_kd * stats[1]
     diag = {k: stats[2 + j] for j, k in enumerate(DIAG_KEYS)} if (want_diag and has_teacher) else {}
     kd_sum = stats[1] if has_teacher else stats.new_zeros(())
     return LossParts(loss=loss, ce_sum=stats[0], kd_sum=kd_sum, n_tokens=mask.sum(), diag=diag)
-
-
-IMPLS["fused"] = fused_loss

@@ -289,3 +289,22 @@ def test_truncation_through_core_with_mask(T):
         want += T * T * ref_truncated("forward_kl", p, q, keep_top_k(p, 10), True)
     assert val.item() == pytest.approx(want, rel=1e-5)
     assert torch.all(grad[y == -100] == 0) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("beta", [1e-4, 1 - 1e-4])
+def test_jsd_fp32_is_accurate_at_both_ends(beta):
+    """Issue 9: each KL against the mixture is taken from its own log-ratio, so fp32 holds near beta = 1 as well as
+    near 0. Measured: 1.8e-7 / 1.7e-7 (value / gradient) at beta = 1 - 1e-4, where deriving log(m / p_t) from
+    log(m / p_s) gave 3.5e-4 / 1.9e-4."""
+    s, t, _ = logits(seed=5)
+    h = s.clone().requires_grad_()
+    got = get("divergence", "jsd")(s_logp=h.log_softmax(-1), t_logp=t.log_softmax(-1), beta=beta)
+    got.sum().backward()
+    for n in range(N):
+        p, q = softmax64(t[n].tolist()), softmax64(s[n].tolist())
+        want = ref_jsd_value(p, q, beta)
+        fp = ref_jsd_grad(p, q, beta)
+        mean = sum(qj * fj for qj, fj in zip(q, fp))
+        want_grad = torch.tensor([qk * (fk - mean) for qk, fk in zip(q, fp)], dtype=torch.float64)
+        assert abs(got[n].item() - want) <= 2e-6 * want
+        assert (h.grad[n].double() - want_grad).abs().max().item() <= 2e-6 * want_grad.abs().max().item()

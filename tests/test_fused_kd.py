@@ -308,3 +308,170 @@ def test_zero3_two_ranks_equal_one_process(tmp_path):
         for n, p in model.named_parameters():
             assert rel(grads[n], ref_grads[n]) <= 1e-5, (tied, n)
             assert (params[n] - p.detach()).abs().max().item() <= 1e-6, (tied, n)
+
+
+# ---- closed form (issue 11) and numerics (issue 9) -------------------------------------------------------------------
+
+def float64_forward_kl(data, T, w, kv, want_diag=False):
+    """CE + T^2 forward KL over the shared vocab kv and the five diagnostics at T = 1, written directly in float64
+    (probabilities, no log-softmax), with teacher_p_true = 0 for a target outside the shared vocab."""
+    hs, ws, ht, wt, y = [x.double() if x.is_floating_point() else x for x in data]
+    hs, ws = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    m = y.reshape(-1) != -100
+    yy = y.reshape(-1)[m]
+    zs = hs.reshape(-1, hs.shape[-1])[m] @ ws.t()                    # [n, Vs]
+    zt = ht.reshape(-1, ht.shape[-1])[m] @ wt[:kv].t()               # [n, kv]
+    e = (zs - zs.max(-1, keepdim=True).values).exp()
+    ce = -(e.gather(1, yy[:, None]).squeeze(1) / e.sum(-1)).log().sum()
+
+    def probs(z, temp):
+        e = ((z - z.max(-1, keepdim=True).values) / temp).exp()
+        return e / e.sum(-1, keepdim=True)
+    p_t, p_s = probs(zt, T), probs(zs[:, :kv], T)
+    kd = T * T * (p_t * (p_t / p_s).log()).sum()
+    loss = w[0] * ce + w[1] * kd
+    loss.backward()
+    diag = {}
+    if want_diag:
+        with torch.no_grad():
+            q, p = probs(zt, 1.0), probs(zs[:, :kv], 1.0)
+            inside = yy < kv
+            diag = {"student_entropy": -(p * p.log()).sum(), "teacher_entropy": -(q * q.log()).sum(),
+                    "kl": (q * (q / p).log()).sum(), "top1_agree": (p.argmax(-1) == q.argmax(-1)).double().sum(),
+                    "teacher_p_true": (q.gather(1, yy.clamp(max=kv - 1)[:, None]).squeeze(1) * inside).sum()}
+    return loss, hs.grad, ws.grad, diag
+
+
+def run_kv(data, kv, T, w, closed_form=True, want_diag=True, chunk_size=16, impl="fused"):
+    hs, ws, ht, wt, y = data
+    hs, ws = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    out = compute_loss(impl=impl, student_hidden=hs, student_weight=ws, targets=y, teacher_hidden=ht,
+                       teacher_weight=wt, kd_vocab=kv, divergence=get("divergence", "forward_kl"), temperature=T,
+                       w_ce=w[0], w_kd=w[1], want_diag=want_diag, chunk_size=chunk_size, closed_form=closed_form)
+    out.loss.backward()
+    return out, hs.grad, ws.grad
+
+
+@pytest.mark.parametrize("w", [(0.3, 0.7), (0.0, 1.0), (1.0, 0.0)])
+@pytest.mark.parametrize("kv", [KV, VS])                             # padded student (kv < Vs) and kv == Vs
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0])
+def test_closed_form_matches_float64(T, kv, w):
+    """Forward KL's closed form (value, dL/dlogits, diagnostics) against float64, and against the autograd route."""
+    hs, ws, ht, wt, y = inputs(seed=11)
+    if kv == VS:                                                     # teacher with exactly the student's vocab
+        wt = torch.randn(VS, HT, generator=torch.Generator().manual_seed(12)) * 0.6
+    data = (hs, ws, ht, wt, y)
+    ref_loss, ref_gh, ref_gw, ref_diag = float64_forward_kl(data, T, w, kv, want_diag=True)
+    out, gh, gw = run_kv(data, kv, T, w)
+    assert rel(out.loss, ref_loss) <= 1e-5
+    assert rel(gh, ref_gh) <= 1e-5 and rel(gw, ref_gw) <= 1e-5
+    for k in DIAG_KEYS:
+        assert rel(out.diag[k], ref_diag[k]) <= 1e-5, k
+    ag, ag_gh, ag_gw = run_kv(data, kv, T, w, closed_form=False)
+    assert rel(out.loss, ag.loss) <= 1e-5 and rel(gh, ag_gh) <= 1e-5 and rel(gw, ag_gw) <= 1e-5
+    assert rel(out.ce_sum, ag.ce_sum) <= 1e-5 and rel(out.kd_sum, ag.kd_sum) <= 1e-5
+
+
+def test_closed_form_chunking_and_ce_only():
+    data = inputs(seed=13)
+    ref = run_kv(data, KV, 2.0, (0.3, 0.7), chunk_size=10_000)
+    for c in (1, 7, 64):
+        out = run_kv(data, KV, 2.0, (0.3, 0.7), chunk_size=c)
+        assert rel(out[0].loss, ref[0].loss) <= 1e-5 and rel(out[1], ref[1]) <= 1e-5 and rel(out[2], ref[2]) <= 1e-5
+    hs, ws, _, _, y = data
+    res = {}
+    for cf in (True, False):
+        h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+        out = compute_loss(impl="fused", student_hidden=h, student_weight=w, targets=y, w_ce=0.25, chunk_size=7,
+                           closed_form=cf)
+        out.loss.backward()
+        res[cf] = (out.loss, h.grad, w.grad)
+    for a, b in zip(res[True], res[False]):
+        assert rel(a, b) <= 1e-5
+
+
+def test_closed_form_is_opt_in():
+    """Only a divergence carrying fused_closed_form skips autograd; a user plugin with the same maths is called, and
+    divergence_args (or closed_form=False) send even forward_kl through autograd."""
+    data = inputs(seed=14)
+    calls = []
+
+    def my_kl(s_logp, t_logp):                                       # a user plugin: same maths, no attribute
+        calls.append(1)
+        return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+
+    def claims_closed_form(s_logp, t_logp):
+        raise AssertionError("the closed form must not call the divergence")
+    claims_closed_form.fused_closed_form = "forward_kl"
+
+    outs = {}
+    for name, fn in (("user", my_kl), ("closed", claims_closed_form)):
+        hs, ws, ht, wt, y = data
+        h = hs.clone().requires_grad_()
+        outs[name] = compute_loss(impl="fused", student_hidden=h, student_weight=ws, targets=y, teacher_hidden=ht,
+                                  teacher_weight=wt, kd_vocab=KV, divergence=fn, temperature=2.0, w_ce=0.3, w_kd=0.7,
+                                  chunk_size=16)
+        outs[name].loss.backward()
+    assert len(calls) == -(-int((data[4] != -100).sum()) // 16)     # once per chunk
+    assert rel(outs["user"].loss, outs["closed"].loss) <= 1e-5
+    with pytest.raises(AssertionError, match="must not call"):
+        compute_loss(impl="fused", student_hidden=data[0], student_weight=data[1], targets=data[4],
+                     teacher_hidden=data[2], teacher_weight=data[3], kd_vocab=KV, divergence=claims_closed_form,
+                     w_kd=1.0, chunk_size=16, closed_form=False)
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op and the shapes of the new tensors it returns (views and out= results excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        seen = {a.untyped_storage().data_ptr() for a in flat if isinstance(a, torch.Tensor)}
+        shapes = [tuple(o.shape) for o in (out if isinstance(out, (tuple, list)) else [out])
+                  if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in seen]
+        self.ops.append((func.overloadpacket.__name__, shapes))
+        return out
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_no_grad_allocates_no_gradients(closed_form):
+    """Issue 9: under torch.no_grad (evaluation) the head makes no [Vs, Hs] or [N, Hs] gradient buffer and runs only
+    the two logit matmuls per chunk; same when no input requires grad."""
+    hs, ws, ht, wt, y = inputs(seed=15)
+    hs, ws = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    n, chunk = int((y != -100).sum()), 16
+    kw = dict(student_hidden=hs, student_weight=ws, targets=y, teacher_hidden=ht, teacher_weight=wt, kd_vocab=KV,
+              divergence=get("divergence", "forward_kl"), w_ce=0.3, w_kd=0.7, want_diag=True, chunk_size=chunk,
+              closed_form=closed_form)
+    ref = compute_loss(impl="fused", **kw)
+    for ctx, detach in ((torch.no_grad, False), (torch.enable_grad, True)):
+        args = dict(kw, student_hidden=hs.detach(), student_weight=ws.detach()) if detach else kw
+        with ctx(), _OpLog() as log:
+            out = compute_loss(impl="fused", **args)
+        assert not out.loss.requires_grad and rel(out.loss, ref.loss) <= 1e-6
+        for k in DIAG_KEYS:
+            assert rel(out.diag[k], ref.diag[k]) <= 1e-6, k
+        mms = [op for op, _ in log.ops if op in ("mm", "addmm", "matmul")]
+        assert len(mms) == 2 * -(-n // chunk), mms                   # student and teacher logits, nothing else
+        made = {s for op, shapes in log.ops for s in shapes if op != "index"}  # index: selecting the target rows
+        assert tuple(ws.shape) not in made and (n, HS) not in made
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_diagnostics_with_targets_outside_the_teacher_vocab(T, closed_form):
+    """Issue 9: teacher vocab smaller than the student's and targets beyond it: teacher_p_true counts such a target as
+    probability 0 (it used to index out of range). Fused (both routes) and plain against float64."""
+    hs, ws, ht, wt, y = inputs(seed=16)
+    y = y.clone()
+    y[0, 20:30] = torch.arange(KV, KV + 10)                         # ids KV..VS-1: student-only tokens
+    data = (hs, ws, ht, wt, y)
+    _, _, _, ref = float64_forward_kl(data, T, (0.3, 0.7), KV, want_diag=True)
+    for impl in ("fused", "plain"):
+        out, _, _ = run_kv(data, KV, T, (0.3, 0.7), closed_form=closed_form, impl=impl)
+        for k in DIAG_KEYS:
+            assert rel(out.diag[k], ref[k]) <= 1e-5, (impl, k)
