@@ -18,6 +18,19 @@ OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
               "gradient_clipping", "optimizer", "scheduler")
 
 
+def check_precision(ds, where):
+    """fp16 (and apex AMP) train with a dynamic loss scale that DeepSpeed applies to the loss before backward; the
+    fused KD head computes the output layer's gradients in its forward, before that scale, so in fp16 most of them
+    underflow or are unscaled wrongly. Refused in one line; bf16 and fp32 need no loss scale."""
+    for key in ("fp16", "amp"):
+        sec = ds.get(key)
+        enabled = sec.get("enabled", False) if isinstance(sec, dict) else sec
+        if enabled not in (None, False):
+            raise ConfigError(f"{where} enables {key}; fp16 is not supported: the fused KD head computes output-layer "
+                              f"gradients in its forward, before the loss scale; use bf16 (ds_configs/zero3.json) "
+                              f"or fp32")
+
+
 def load_ds_config(path):
     if not os.path.isfile(path):
         raise ConfigError(f"DeepSpeed config {path!r} not found; the shipped ones are in ds_configs/")
@@ -28,6 +41,7 @@ def load_ds_config(path):
         raise ConfigError(f"{path} sets {', '.join(owned)}; batch sizes, clipping, optimizer and schedule come from "
                           f"the Distillery config (micro_batch_size=, global_batch_size=, grad_clip=, lr=): "
                           f"remove them from the JSON")
+    check_precision(ds, path)
     return ds
 
 
@@ -42,6 +56,7 @@ def batch_layout(cfg, world):
 
 
 def student_ds_config(ds, cfg, world):
+    check_precision(ds, "the DeepSpeed config")
     mb, ga = batch_layout(cfg, world)
     out = json.loads(json.dumps(ds))
     out.update(train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=ga,
@@ -53,14 +68,14 @@ def student_ds_config(ds, cfg, world):
 def teacher_ds_config(ds, cfg):
     """Inference-only ZeRO-3: no optimizer, parameters partitioned across ranks (never replicated, trap 1), optional
     offload to CPU memory. Precision follows the student's engine config."""
+    check_precision(ds, "the DeepSpeed config")
     zero = {"stage": 3}
     if cfg.teacher_offload:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     out = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "zero_optimization": zero,
            "steps_per_print": 10 ** 9}
-    for k in ("bf16", "fp16"):
-        if ds.get(k, {}).get("enabled"):
-            out[k] = {"enabled": True}
+    if (ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled"):  # "bfloat16": DeepSpeed's older spelling
+        out["bf16"] = {"enabled": True}
     return out
 
 

@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -116,8 +117,129 @@ def load_pretrained(path, cfg, dtype):
                                                 attn_implementation=attn_implementation(cfg.attn_impl))
 
 
+# Families whose causal-LM logits are exactly lm_head(final hidden state), no bias, scale or cap: the fused KD head
+# computes them as h @ W^T from the gathered output weight (distillery/fused_kd.py), so any other family would be
+# distilled against logits its model never produces.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# config.json keys that transform the logits after h @ W^T (soft-capping, scaling, muP output multipliers), with the
+# values that leave them untouched. Other keys matching LOGIT_KEY_PATTERN are checked the same way.
+LOGIT_TRANSFORM_KEYS = {
+    "final_logit_softcapping": (None, 0), "logit_softcapping": (None, 0), "output_softcapping": (None, 0),
+    "logit_scale": (None, 1), "logits_scaling": (None, 1), "logit_scaling": (None, 1),
+    "output_multiplier_scale": (None, 1), "lm_head_multiplier": (None, 1), "logits_multiplier": (None, 1),
+    "output_logits_scale": (None, 1), "mup_output_alpha": (None, 1), "output_mult": (None, 1),
+}
+LOGIT_KEY_PATTERN = re.compile(r"^(final_)?logits?_|^lm_head_|^output_(logits?_)?(mult|multiplier|scale|scaling|"
+                               r"softcap|softcapping)")
+HEADER_MAX = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def _trivial(key, value):
+    if key in LOGIT_TRANSFORM_KEYS:
+        return value in LOGIT_TRANSFORM_KEYS[key] and not isinstance(value, str)
+    if value is None or value is False:
+        return True
+    off = 0 if "cap" in key else 1
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == off
+
+
+def check_model_config(path, who="teacher"):
+    """config.json of a model directory, or a one-line error: the model type must be one whose logits are h @ W^T
+    and no key may scale or cap them. Returns the parsed config."""
+    fn = os.path.join(path, "config.json")
+    try:
+        with open(fn) as f:
+            conf = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{who} {fn} does not parse ({type(e).__name__}); re-export the model or copy it "
+                        f"again") from None
+    if not isinstance(conf, dict):
+        raise DataError(f"{who} {fn} is not a JSON object; re-export the model or copy it again")
+    mt = conf.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"{who} {path!r} has model_type {mt!r}; the KD head computes logits as h @ W^T, which "
+                          f"holds for {', '.join(SUPPORTED_MODEL_TYPES)} only: use a model of one of those types")
+    for key, value in conf.items():
+        if (key in LOGIT_TRANSFORM_KEYS or LOGIT_KEY_PATTERN.match(key)) and not _trivial(key, value):
+            raise ConfigError(f"{who} {path!r} sets {key}={value!r} in config.json, so its logits are not "
+                              f"h @ W^T and the KD head would distill the wrong distribution; use a model without "
+                              f"it (or remove the key if the weights were trained without it)")
+    return conf
+
+
+def weight_files(path, who="teacher"):
+    """The safetensors files `from_pretrained(path, use_safetensors=True)` reads: model.safetensors, else the
+    shards model.safetensors.index.json names; a one-line DataError for pickles only, no weights or a missing
+    shard."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{who} {index} does not parse ({type(e).__name__}); re-export the model or copy it "
+                            f"again") from None
+        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise DataError(f"{who} {path!r} is missing {len(missing)} weight shard(s) its index names "
+                            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); copy them again")
+        return [os.path.join(path, s) for s in shards]
+    names = sorted(os.listdir(path))
+    pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")) or n == "pytorch_model.bin.index.json"]
+    if pickles:
+        raise DataError(f"{who} {path!r} has weights only as pickles ({pickles[0]}), which are not loaded "
+                        f"(use_safetensors=True); convert it to safetensors: AutoModelForCausalLM.from_pretrained"
+                        f"(dir).save_pretrained(dir)")
+    raise DataError(f"{who} {path!r} has no model weights (no model.safetensors or model.safetensors.index.json); "
+                    f"export the model into it, e.g. runs/<name>/export")
+
+
+def safetensors_names(fn, who="teacher"):
+    """Tensor names of one safetensors file, read from its header, after checking the file is complete: 8 bytes of
+    little-endian header length n, n bytes of JSON header, then exactly the data its data_offsets span."""
+    size = os.path.getsize(fn)
+    fix = "re-export it or copy it again"
+    if size < 8:
+        raise DataError(f"{who} {fn} is truncated ({size} of at least 8 bytes); {fix}")
+    with open(fn, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > HEADER_MAX:
+            raise DataError(f"{who} {fn} has an unreadable safetensors header (length {n}); {fix}")
+        if size < 8 + n:
+            raise DataError(f"{who} {fn} is truncated ({size} of at least {8 + n} bytes); {fix}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise DataError(f"{who} {fn} has an unreadable safetensors header ({type(e).__name__}); {fix}") from None
+    want = 8 + n + end
+    if size < want:
+        raise DataError(f"{who} {fn} is truncated ({size} of {want} bytes); {fix}")
+    if size > want:
+        raise DataError(f"{who} {fn} has {size} bytes but its header describes {want}; {fix}")
+    return list(tensors)
+
+
+def check_weights(path, who="teacher"):
+    """Without loading a tensor: config.json describes a model whose logits are h @ W^T (check_model_config), the
+    weights are safetensors, every file is complete, and there is no output-layer bias. Returns the config."""
+    conf = check_model_config(path, who)
+    for fn in weight_files(path, who):
+        bias = [n for n in safetensors_names(fn, who) if n == "lm_head.bias" or n.endswith(".lm_head.bias")]
+        if bias:
+            raise ConfigError(f"{who} {path!r} has an output-layer bias ({bias[0]} in {os.path.basename(fn)}), so "
+                              f"its logits are not h @ W^T and the KD head would ignore it; use a model without an "
+                              f"lm_head bias")
+    return conf
+
+
 def check_model_dir(path, data_index, who="teacher"):
-    """Before any model is built: the directory exists and speaks the data's tokenizer. Returns the shared vocab.
+    """Before any model is built: the directory exists, holds complete safetensors weights of a model whose logits
+    are h @ W^T (check_weights), and speaks the data's tokenizer. Returns the shared vocab.
 
     A padded embedding (e.g. 151936 vs 152064 rows) is fine: KD runs over the shared real vocab. A tokenizer whose
     token -> id map differs is a different tokenizer, and distilling across it would silently compare unrelated
@@ -126,21 +248,39 @@ def check_model_dir(path, data_index, who="teacher"):
         raise DataError(f"{who} {path!r} not found (no config.json); train one with `deepspeed train.py "
                         f"--ds_config ds_configs/cpu.json --config configs/offline/teacher.yaml` or point {who}= "
                         f"at another runs/<name>/export directory")
+    conf = check_weights(path, who)
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001  (any failure means we cannot verify the tokenizer)
         raise DataError(f"{who} {path!r} has no loadable tokenizer ({type(e).__name__}); copy the tokenizer it "
                         f"was trained with into that directory") from None
-    with open(os.path.join(path, "config.json")) as f:
-        rows = json.load(f).get("vocab_size", len(tok))
+    rows = conf.get("vocab_size", len(tok))
     check_tokenizer(data_index, tok, who=who, model_vocab_size=rows)
     return data_index["vocab_size"]
 
 
+def master_weight(p):
+    """The full fp32 master copy of a parameter held by a ZeRO optimizer (stage 3: `_z3_optimizer`; stages 0-2 with
+    bf16/fp16: `_hp_mapping`), or None for a parameter no optimizer holds (a teacher, a frozen or a plain module).
+    Collective when not None: call it on every rank for the same parameters in the same order."""
+    if hasattr(p, "ds_id"):
+        if getattr(p, "_z3_optimizer", None) is None or not p.requires_grad:
+            return None
+    elif not hasattr(p, "_hp_mapping") or not hasattr(p, "get_full_hp_param"):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+    return safe_get_full_fp32_param(p)
+
+
 def export_hf(lm, out_dir, data_dir, dtype, extra_files=None, rank=0):
     """Gather the (possibly ZeRO-3-partitioned) model one parameter at a time and write a Hugging Face directory:
-    config.json, model.safetensors, tokenizer files. Written to a temporary name and renamed, on rank 0."""
+    config.json, model.safetensors, tokenizer files. Written to a temporary name and renamed, on rank 0.
+    Collective: call it on every rank.
+
+    A parameter trained by a ZeRO optimizer is exported from the optimizer's fp32 master copy, not from the bf16
+    working copy the forward uses (rounding it to bf16 would lose every update smaller than half a bf16 step),
+    then cast to `dtype`. Parameters no optimizer holds (a teacher, a plain module) are exported as they are."""
     import deepspeed
     from safetensors.torch import save_file
     dtype = getattr(torch, dtype)
@@ -149,6 +289,12 @@ def export_hf(lm, out_dir, data_dir, dtype, extra_files=None, rank=0):
         if id(p) in seen:  # tied weights: safetensors stores one tensor, transformers re-ties on load
             continue
         seen[id(p)] = name
+        master = master_weight(p)  # every rank, same order (collective)
+        if master is not None:
+            if rank == 0:
+                sd[name] = master.detach().to("cpu", dtype).clone()
+            del master
+            continue
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             if rank == 0:
                 sd[name] = p.detach().to("cpu", dtype).clone()
