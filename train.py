@@ -16,6 +16,7 @@ Reading order: resolve() checks every input and returns a Plan; main() builds th
 callbacks' Context into a Run; train() is the loop; finish() exports. docs/architecture.md has the map.
 """
 import argparse
+import contextlib
 import dataclasses
 import os
 import time
@@ -27,15 +28,18 @@ if not torch.cuda.is_available():  # say so up front instead of DeepSpeed's acce
 import torch.distributed as dist
 
 import plugins
-from distillery import checkpoint
+from distillery import checkpoint, resume, shards
 from distillery.config import Config, load_config, save_config, to_dict
 from distillery.engines import (batch_layout, init_student, init_teacher, load_ds_config, student_ds_config,
                                 teacher_ds_config)
-from distillery.errors import ConfigError, DataError, TrainingError, cli  # noqa: F401  (TrainingError: tests)
+from distillery.errors import ConfigError, DataError, Preempted, TrainingError, cli  # noqa: F401  (TrainingError: tests)
+from distillery.guard import Guard
 from distillery.launch import init_distributed, rank_world
 from distillery.loss_parts import IGNORE_INDEX, shift_targets
 from distillery.models import build_student, check_model_dir, export_hf, load_pretrained, zero3_context
 from distillery.objective import Objective
+from distillery.preempt import Preemption
+from distillery.runlock import RunLock
 from distillery.sampler import RankReader
 from distillery.shards import load_stream, read_index
 from distillery.step import StepStats, Timer, micro_step
@@ -118,10 +122,11 @@ def check_data(cfg):
 
 
 # ---------------------------------------------------------------------------- engines
-def build_engines(plan):
-    """(student engine, teacher inference engine or None). Each model is built under its own ZeRO-3 context."""
+def build_engines(plan, where):
+    """(student engine, teacher inference engine or None). Each model is built under its own ZeRO-3 context; `where`
+    is the checkpoint the student will load (a universal one needs a flag at construction)."""
     cfg = plan.cfg
-    ds_student = student_ds_config(plan.ds_base, cfg, plan.world)
+    ds_student = checkpoint.ds_config_for_resume(student_ds_config(plan.ds_base, cfg, plan.world), where)
     teacher = None
     if plan.objective.kd_vocab is not None:
         ds_teacher = teacher_ds_config(plan.ds_base, cfg)
@@ -144,6 +149,7 @@ class Run:
     reader: RankReader         # this rank's rows of every step, in the run's global order
     streams: dict              # eval set name -> 1-D tokens (windowed PPL, eval/ppl.py)
     ctx: Context               # handed to every callback hook
+    preemption: Preemption     # SIGTERM / SIGUSR1 -> save and exit at the next step boundary
 
     def rows(self, step):
         """This rank's rows of optimizer step `step`: [grad_accum, micro_batch, S] (sampler.rank_slice)."""
@@ -153,16 +159,28 @@ class Run:
         return torch.stack([torch.from_numpy(mb) for mb in mbs])
 
 
+def check_data_files(cfg):
+    """Every rank, before the first step (collective): shard checksums (verify_data) and token ids in range, for the
+    training rows and the eval sets, so corrupt data stops the run here, not mid-run after a checkpoint."""
+    if cfg.verify_data:
+        shards.verify_split(cfg.data, "train")
+    else:
+        shards.check_token_ids(cfg.data, "train")
+    shards.check_token_ids(cfg.eval_data or cfg.data)
+
+
 def start(plan, rank, world):
     """Engines, data, resume, callbacks: the Run of this process."""
     cfg = plan.cfg
-    engine, teacher = build_engines(plan)
+    preemption = Preemption()  # before the slow part: a signal during start-up is honoured at the first step
+    where = checkpoint.find_resume(cfg)  # verified, with fallback to the newest intact checkpoint
+    engine, teacher = build_engines(plan, where)
     start_step = 0
-    where = checkpoint.find_resume(cfg)
     if where is not None:
         client = checkpoint.load(engine, cfg, where)
         start_step = client["step"]
         plan.callbacks.load_state_dict(client.get("callbacks", {}))
+        resume.apply_lr(engine, cfg, plan.total_steps)  # this config's lr schedule, not the checkpoint's
     writer = NullWriter()
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -174,7 +192,7 @@ def start(plan, rank, world):
     plan.callbacks.bind(ctx, metrics_path=os.path.join(cfg.run_dir, "metrics.jsonl"))
     reader = RankReader(cfg.data, cfg.seed, rank=rank, world=world)
     streams = {s: load_stream(cfg.eval_data or cfg.data, s) for s in cfg.eval_sets}
-    return Run(plan, engine, teacher, reader, streams, ctx)
+    return Run(plan, engine, teacher, reader, streams, ctx, preemption)
 
 
 # ---------------------------------------------------------------------------- loop
@@ -197,6 +215,7 @@ def train(run):
     stats = StepStats(dev, want_diag)
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     loss_kw = obj.loss_kw()
+    guard = Guard(cfg, engine, ctx.start_step)
     t_log = time.perf_counter()  # start of the log interval
     cbs("on_train_start", ctx)
     for step in range(ctx.start_step, ctx.end_step):
@@ -204,8 +223,13 @@ def train(run):
         lr = engine.get_lr()[0]
         batch = run.rows(step)                                                       # [GA, mb, S]
         targets = torch.stack([shift_targets(b) for b in batch])                     # [GA, mb, S]
-        n_global = (targets != IGNORE_INDEX).sum().to(dev, torch.float64)
-        dist.all_reduce(n_global)
+        # One all-reduce gives the global target count and whether any rank was asked to stop (preemption).
+        counts = torch.tensor([float((targets != IGNORE_INDEX).sum()), run.preemption.requested()],
+                              dtype=torch.float64, device=dev)
+        dist.all_reduce(counts)
+        if counts[1].item() > 0:
+            preempt(run, step)
+        n_global = counts[0]
         # DeepSpeed averages gradients over ranks and micro-batches; the loss handed to it is a sum over this
         # micro-batch's tokens scaled by world * GA / N_global, so the update is the gradient of the global token
         # mean: no double normalisation, no mean-of-means (trap 3).
@@ -228,18 +252,17 @@ def train(run):
                                    teacher_timer)
                 stats.add(parts, inv_n, w_ce, w_kd)
         stats.end_step(n_global.item())
+        guard.after_step(done, engine, stats)
         metrics = diag = None
         if timed:  # a checkpoint is never written without checking the loss first
             steps = stats.steps
             s = stats.summary()
-            if s.nonfinite:
-                raise TrainingError(f"loss is not finite between steps {done - steps + 1} and {done}; resume "
-                                    f"from the last checkpoint (resume=auto) with a lower lr, or check the data")
+            guard.check_interval(s, done - steps + 1, done)
             dt, t_log = time.perf_counter() - t_log, time.perf_counter()
             metrics = {"loss/total": s.total, "loss/ce": s.ce, "loss/kd": s.kd, "alpha": alpha, "lr": lr,
                        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                        "tokens/seen": done * tokens_per_step, "perf/tokens_per_s": steps * tokens_per_step / dt,
-                       "perf/step_s": dt / steps}
+                       "perf/step_s": dt / steps, **guard.metrics()}
             if run.teacher is not None:
                 metrics["perf/teacher_share"] = teacher_timer.seconds / step_timer.seconds
             diag = s.diag
@@ -252,10 +275,26 @@ def train(run):
             cbs("on_eval", ctx, step=done, results=results)
             ctx.log(done, results)
         if is_save:
-            path = checkpoint.save(engine, cfg, done, {"step": done, "config": to_dict(cfg),
-                                                       "callbacks": cbs.state_dict()})
-            cbs("on_checkpoint", ctx, step=done, path=path)
+            guard.saved(done, save(run, done))
+    guard.at_end()
     return ctx.end_step
+
+
+def save(run, step):
+    """A checkpoint of `step` (every rank): engine state, the run's config, the callbacks' state."""
+    path = checkpoint.save(run.engine, run.plan.cfg, step, {"step": step, "config": to_dict(run.plan.cfg),
+                                                            "callbacks": run.plan.callbacks.state_dict()})
+    run.plan.callbacks("on_checkpoint", run.ctx, step=step, path=path)
+    return path
+
+
+def preempt(run, step):
+    """Every rank at the boundary before step `step`: save the finished steps (unless just saved) and stop."""
+    latest = checkpoint.read_latest(checkpoint.ckpt_dir(run.plan.cfg))
+    path = os.path.join(checkpoint.ckpt_dir(run.plan.cfg), latest) if latest == checkpoint.tag_for(step) else (
+        save(run, step))
+    raise Preempted(f"stopped by {run.preemption.reason()} after step {step}; checkpoint {path}; rerun the same "
+                    f"command with resume=auto to continue")
 
 
 # ---------------------------------------------------------------------------- save
@@ -280,19 +319,25 @@ def main(argv=None):
         print(plugins.describe())
         return None
     plan = resolve(args)
+    cfg = plan.cfg
     rank, world = init_distributed()
-    if rank == 0:
-        os.makedirs(plan.cfg.run_dir, exist_ok=True)
-        save_config(plan.cfg, os.path.join(plan.cfg.run_dir, "config.yaml"))
-    run = start(plan, rank, world)
-    try:
-        finish(run, train(run))
-    except BaseException as e:  # the callbacks hear of it (flush, close), then it propagates unchanged
-        plan.callbacks.error(run.ctx, run.ctx.step, e)
-        raise
-    finally:
-        run.ctx.writer.close()
-    return plan.cfg.run_dir
+    with RunLock(cfg.run_dir) if rank == 0 else contextlib.nullcontext():  # one writer per run directory
+        changes = resume.check(cfg)   # a rerun / resume that would mix two experiments stops here, nothing written
+        check_data_files(cfg)
+        if rank == 0:
+            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        run = start(plan, rank, world)
+        if rank == 0:
+            resume.record(cfg, changes, run.ctx.start_step)
+        try:
+            finish(run, train(run))
+        except BaseException as e:  # the callbacks hear of it (flush, close), then it propagates unchanged
+            plan.callbacks.error(run.ctx, run.ctx.step, e)
+            raise
+        finally:
+            run.ctx.writer.close()
+            run.preemption.restore()
+    return cfg.run_dir
 
 
 if __name__ == "__main__":

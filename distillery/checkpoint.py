@@ -22,7 +22,6 @@ Needs a filesystem shared by all ranks (as DeepSpeed's ZeRO-3 resume does).
 `python -m distillery.checkpoint runs/<name>/checkpoints` verifies every checkpoint of a run and prints one line each.
 """
 import errno
-import hashlib
 import json
 import os
 import re
@@ -34,11 +33,13 @@ import torch
 import torch.distributed as dist
 
 from distillery import atomic
+from distillery.config import RUN_DEFINING
+from distillery.launch import rank_world
+from distillery.shards import sha256_file
 from distillery.errors import ConfigError, TrainingError
 
-# keys that must not change across a resume: they define the data order and the model
-FIXED_ON_RESUME = ("student", "student_init", "data", "seed", "seq_len", "global_batch_size", "teacher",
-                   "train_tokens")
+# keys that must not change across a resume (distillery/config.py says why)
+FIXED_ON_RESUME = RUN_DEFINING
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "distillery.checkpoint"
 KEEP_LAST = 3          # default of cfg.keep_last: complete checkpoints kept (0 = all)
@@ -63,9 +64,7 @@ def step_of(tag):
 
 def _dist():
     """(rank, world) of the process group, (0, 1) without one (tools, unit tests)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return rank_world()
 
 
 def _barrier():
@@ -93,14 +92,6 @@ def warn(msg):
 
 
 # ---------------------------------------------------------------------------- hashing and the manifest
-def sha256_file(path, bufsize=1 << 22):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _hash_local(root, rels, workers=None):
     """{rel: sha256} of files under root, on threads (hashlib releases the GIL on large buffers)."""
     workers = workers or min(8, os.cpu_count() or 1, max(1, len(rels)))

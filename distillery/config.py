@@ -75,8 +75,13 @@ class Config:
     # --- checkpoints and export
     save_interval: int = 0             # DeepSpeed checkpoint every N steps (0: only at the end)
     resume: str = ""                   # "" fresh, "auto" latest checkpoint of this run if any, or a checkpoint dir
+    keep_last: int = 3                 # complete checkpoints kept (older ones pruned after a new one is committed); 0 all
     export: bool = True                # Hugging Face-format student at the end (usable as a later teacher)
     export_dtype: str = "float32"
+    # --- reliability (docs/reliability.md)
+    verify_data: bool = True           # sha256 of every training shard before the first step (~1.3 s/GB per rank)
+    max_bad_steps: int = 3             # consecutive skipped / non-finite steps that stop the run
+    max_skipped_frac: float = 0.5      # a run that skipped more than this fraction of its steps fails, however short
 
     @property
     def run_dir(self):
@@ -84,6 +89,21 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+# What a resume may change (docs/reliability.md, "Resume semantics"). RUN_DEFINING keys fix the model, the data and
+# its order, the objective and the optimizer state: changing one mid-run would silently mix two experiments, so a
+# resume (or a rerun under the same name) with a different value is refused before anything is written. Every other
+# key may change and is applied for real (lr and its schedule are re-applied over the checkpoint's scheduler state);
+# the change is recorded in <run_dir>/config_history.jsonl. Every field is in exactly one of the two.
+RUN_DEFINING = ("seed", "data", "student", "student_init", "teacher", "alpha", "temperature", "divergence",
+                "divergence_args", "mix", "alpha_schedule", "alpha_start", "alpha_end", "alpha_warmup_frac",
+                "alpha_decay_frac", "seq_len", "global_batch_size", "train_tokens", "weight_decay", "beta1", "beta2",
+                "eps")
+MAY_CHANGE = ("name", "out_dir", "eval_data", "eval_sets", "teacher_offload", "trust_remote_code", "attn_impl",
+              "grad_ckpt", "loss_impl", "loss_chunk_size", "micro_batch_size", "max_steps", "lr", "min_lr_frac",
+              "warmup_frac", "grad_clip", "log_interval", "eval_interval", "eval_window", "eval_max_windows",
+              "eval_batch_size", "callbacks", "callback_args", "save_interval", "resume", "keep_last", "export",
+              "export_dtype", "verify_data", "max_bad_steps", "max_skipped_frac")
 _TYPES = typing.get_type_hints(Config)
 
 
@@ -121,7 +141,10 @@ def parse_overrides(items):
             raise ConfigError(f"override {item!r} is not key=value (e.g. alpha=0.4)")
         k, v = item.split("=", 1)
         _check_key(k, "the command line")
-        out[k] = yaml.safe_load(v) if v != "" else ""
+        try:
+            out[k] = yaml.safe_load(v) if v != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it or fix the brackets") from None
     return out
 
 
@@ -131,7 +154,13 @@ def load_config(path=None, overrides=()):
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} not found; presets are in configs/")
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}; fix the "
+                                  f"file") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys")
         for k in values:
@@ -154,6 +183,9 @@ def validate(cfg):
         raise ConfigError(f"loss_chunk_size={cfg.loss_chunk_size} must be >= 0 (0: automatic)")
     if cfg.loss_impl not in ("fused", "plain"):
         raise ConfigError(f"loss_impl={cfg.loss_impl!r}: use fused or plain")
+    if cfg.keep_last < 0 or cfg.max_bad_steps < 1 or not 0.0 < cfg.max_skipped_frac <= 1.0:
+        raise ConfigError(f"keep_last={cfg.keep_last} must be >= 0, max_bad_steps={cfg.max_bad_steps} >= 1, "
+                          f"max_skipped_frac={cfg.max_skipped_frac} in (0, 1]")
     if cfg.export_dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"export_dtype={cfg.export_dtype!r}: use float32, bfloat16 or float16")
 

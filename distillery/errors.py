@@ -33,6 +33,11 @@ class TrainingError(DistilleryError, RuntimeError):
     """The run must stop (non-finite loss, ...); the message says where to resume from."""
 
 
+class Preempted(DistilleryError):
+    """Stopped on request (SIGTERM / SIGUSR1) after saving; exits with EXIT_PREEMPTED so a scheduler can requeue."""
+    exit_code = 75  # distillery.preempt.EXIT_PREEMPTED (EX_TEMPFAIL)
+
+
 def cli(main, argv=None):
     """Run an entry point's main(argv): a DistilleryError becomes `error: ...` on stderr (rank 0) and exit code 2."""
     try:
@@ -40,5 +45,5 @@ def cli(main, argv=None):
     except DistilleryError as e:
         from distillery.launch import rank_world
         if rank_world()[0] == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+            print(f"{'stopped' if isinstance(e, Preempted) else 'error'}: {e}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))

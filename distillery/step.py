@@ -51,6 +51,8 @@ def micro_step(engine, teacher, x, y, loss_kw, w_ce, w_kd, want_diag=False, teac
     with gather:
         parts = engine(input_ids=x, targets=y, teacher_hidden=t_hidden, teacher_weight=t_weight, w_ce=w_ce,
                        w_kd=w_kd, want_diag=want_diag and teacher is not None, **loss_kw)
+    if t_hidden is not None:  # which term went bad, when one does (a [mb, S, Ht] reduction: ~free next to the forward)
+        parts["teacher_finite"] = torch.isfinite(t_hidden).all()
     engine.backward(parts["loss"])
     engine.step()
     return parts
@@ -64,6 +66,11 @@ class Summary:
     kd: float
     nonfinite: int        # micro-batches whose loss was not finite
     diag: dict            # diagnostics' token means (empty when not asked for)
+    bad_terms: tuple = () # which terms were non-finite in some micro-batch: "CE", "KD", "teacher hidden states"
+
+
+BAD_TERMS = ("CE", "KD", "teacher hidden states")
+N_FIXED = 7  # sums: total, ce, kd, bad loss, bad ce, bad kd, bad teacher; then the diagnostics
 
 
 class StepStats:
@@ -72,16 +79,22 @@ class StepStats:
 
     def __init__(self, device, want_diag):
         self.want_diag = want_diag
-        self._sums = torch.zeros(4 + len(DIAG_KEYS), dtype=torch.float64, device=device)  # total ce kd bad diag..
+        self._sums = torch.zeros(N_FIXED + len(DIAG_KEYS), dtype=torch.float64, device=device)
         self.tokens, self.steps = 0.0, 0
 
     def add(self, parts, inv_n, w_ce, w_kd):
         """One micro-batch: its CE and KD sums as its share of the step's global token mean (x inv_n = 1/N)."""
         ce, kd = parts["ce_sum"].double() * inv_n, parts["kd_sum"].double() * inv_n
-        self._sums[:4] += torch.stack([w_ce * ce + w_kd * kd, ce, kd, (~torch.isfinite(parts["loss"])).double()])
+        bad = [~torch.isfinite(t) for t in (parts["loss"], ce, kd)]
+        bad.append(~parts.get("teacher_finite", torch.ones((), dtype=torch.bool, device=ce.device)))
+        self._sums[:N_FIXED] += torch.stack([w_ce * ce + w_kd * kd, ce, kd] + [b.double() for b in bad])
         for i, k in enumerate(DIAG_KEYS):
             if k in parts["diag"]:
-                self._sums[4 + i] += parts["diag"][k].double()
+                self._sums[N_FIXED + i] += parts["diag"][k].double()
+
+    def local_bad_terms(self):
+        """This rank's non-finite terms so far in the interval (a host sync: only when something already went wrong)."""
+        return tuple(t for t, v in zip(BAD_TERMS, self._sums[4:N_FIXED].tolist()) if v > 0)
 
     def end_step(self, n_tokens):
         self.steps += 1
@@ -92,7 +105,8 @@ class StepStats:
         dist.all_reduce(self._sums)
         a = self._sums.tolist()
         out = Summary(total=a[0] / self.steps, ce=a[1] / self.steps, kd=a[2] / self.steps, nonfinite=int(a[3]),
-                      diag={k: a[4 + i] / self.tokens for i, k in enumerate(DIAG_KEYS)} if self.want_diag else {})
+                      diag={k: a[N_FIXED + i] / self.tokens for i, k in enumerate(DIAG_KEYS)} if self.want_diag else {},
+                      bad_terms=tuple(t for t, v in zip(BAD_TERMS, a[4:N_FIXED]) if v > 0))
         self._sums.zero_()
         self.tokens, self.steps = 0.0, 0
         return out

@@ -2,7 +2,6 @@
 sets, and check that the model, its tokenizer and the data agree (peers_and_pitfalls.md trap 2: a different tokenizer
 is an error, not a silent number)."""
 import glob
-import json
 import os
 
 import torch

@@ -69,3 +69,20 @@ def test_ds_configs_hold_engine_settings_only(path):
     ds = json.load(open(path))
     assert not set(ds) & set(OWNED_KEYS), os.path.basename(path)
     assert ds["zero_optimization"]["stage"] in (0, 1, 2, 3)
+
+
+def test_every_key_is_classified_for_resume():
+    """Each config key is either run-defining (refused when changed on resume) or may change (applied, recorded)."""
+    from distillery.config import FIELDS, MAY_CHANGE, RUN_DEFINING
+    assert not set(RUN_DEFINING) & set(MAY_CHANGE)
+    assert set(RUN_DEFINING) | set(MAY_CHANGE) == set(FIELDS)
+
+
+def test_yaml_syntax_error_is_one_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("alpha: 0.2\nteacher: [unclosed\nlr: 1e-3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML at line \d+, column \d+: .*; fix the file") as e:
+        load_config(str(p))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="not valid YAML; quote it"):
+        parse_overrides(["eval_sets=[a,b"])

@@ -201,7 +201,8 @@ def test_nan_loss_stops_before_checkpoint(data_dir, teacher_dir, tmp_path):
     import train
     if "test_nan" not in plugins.names("divergence"):
         plugins.register("divergence", "test_nan")(lambda s_logp, t_logp, **_: s_logp.sum(-1) * float("nan"))
-    with pytest.raises(train.TrainingError, match=r"loss is not finite between steps 1 and 1; resume") as e:
+    with pytest.raises(train.TrainingError, match=r"loss is not finite between steps 1 and 1; no checkpoint was saved "
+                                                  r"before it: start again with a lower lr .*\(non-finite: .*KD") as e:
         run_inprocess(data_dir, tmp_path, "name=nan", f"teacher={teacher_dir}", "alpha=0.5", "divergence=test_nan",
                       "save_interval=1", "eval_interval=-1", "loss_impl=plain", *COUNTER)
     assert "\n" not in str(e.value)
@@ -231,3 +232,19 @@ def test_tied_qwen3_student_trains_and_exports(data_dir, teacher_dir, tmp_path):
         return lm(input_ids=x, labels=x).loss * n, n
     ce = windowed_ce(loss_fn, load_stream(data_dir, "heldout"), window=64, max_windows=4)
     assert ce == pytest.approx(evals[4]["eval/heldout/loss"], rel=1e-5)
+
+
+def test_resume_applies_a_changed_lr_and_records_it(data_dir, tmp_path):
+    """lr may change on resume: the new base lr drives the schedule from the resumed step on (the checkpoint's
+    scheduler state would otherwise restore the old one), and the change is recorded next to config.yaml."""
+    from distillery.engines import lr_lambda
+    run_inprocess(data_dir, tmp_path, "name=lr", "alpha=0", "max_steps=3", "callbacks=[]")
+    run_inprocess(data_dir, tmp_path, "name=lr", "alpha=0", "max_steps=2", "callbacks=[]", "resume=auto", "lr=1e-3")
+    m, _ = read_metrics(tmp_path / "lr")
+    f = lr_lambda(10, 0.05, 0.1)  # 5120 tokens / (8 x 64) = 10 steps; the config's warmup and floor
+    assert m[3]["lr"] == pytest.approx(3e-3 * f(2), rel=1e-12)   # BASE's lr before the resume
+    assert m[4]["lr"] == pytest.approx(1e-3 * f(3), rel=1e-12)   # the new one right after it
+    assert m[5]["lr"] == pytest.approx(1e-3 * f(4), rel=1e-12)
+    hist = [json.loads(x) for x in open(tmp_path / "lr" / "config_history.jsonl")]
+    assert hist == [{"time": hist[0]["time"], "resumed_at_step": 3,
+                     "changes": {"max_steps": {"old": 3, "new": 2}, "lr": {"old": 3e-3, "new": 1e-3}}}]
