@@ -98,9 +98,23 @@ def _log_softmax_into(x, out):
     return torch.ops.aten._log_softmax.out(x, 1, False, out=out)
 
 
-def _rowdot(a, b):
-    """sum_v a[c, v] * b[c, v] -> [C] without a [C, V] product temporary (a batched [1, V] x [V, 1] matmul)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def _rowdot(a, b, scratch):
+    """sum_v a[c, v] * b[c, v] -> [C] fp32, accurate: the products go to `scratch` ([R, V], a few MiB, reused) a block
+    of R rows at a time and are summed by torch's cascade sum. A batched [1, V] x [V, 1] matmul needs no scratch but
+    sums sequentially: 4.5e-4 absolute error at V = 32000 (5e-6 relative), too much for a KL that is a difference."""
+    out = a.new_empty(a.shape[0])
+    R = scratch.shape[0]
+    for r in range(0, a.shape[0], R):
+        n = min(R, a.shape[0] - r)
+        torch.sum(torch.mul(a[r:r + n], b[r:r + n], out=scratch[:n, :a.shape[1]]), 1, out=out[r:r + n])
+    return out
+
+
+def _lse(m, p, i):
+    """logsumexp per row of x [C, V] from its row max m [C], argmax i [C] and p = softmax(x) as computed:
+    lse = m - log p[i] + log sum_v p. p[i] = 1 / S is >= 1 / V, so its log is exact to rounding; the last term undoes
+    the softmax kernel's own rounding of S (its sequential fp32 sum: sum_v p - 1 ~ 6e-6 at V = 32000)."""
+    return m - p.gather(1, i[:, None]).squeeze(1).log() + p.sum(1).log()
 
 
 def _logits_into(h, w, out):
@@ -163,22 +177,25 @@ def _autograd_chunk(z, t, q, y, sp, need_grad):
 def _forward_kl_chunk(z, t, q, y, sp, need_grad):
     """CE + T^2 KL(p_t^T || p_s^T) in closed form, same contract as _autograd_chunk; z, t and q are all overwritten.
 
-    With lse = logsumexp and q = softmax(t / T), p = softmax(z_v / T) over the shared vocab v:
-        KL = sum_v q (t - z_v) / T - lse(t / T) + lse(z_v / T)          (sum_v q = 1)
+    With lse = logsumexp, q = softmax(t / T), p = softmax(z_v / T) over the shared vocab v, and sum_v q = 1:
+        KL = sum_v q (t - z_v) / T - lse(t / T) + lse(z_v / T)
         CE = lse(z) - z_y                                               (full student vocab, T = 1)
         dL/dz = w_ce (softmax(z) - onehot(y)) + w_kd T (p - q) on the first v columns.
-    lse comes free from the softmax: lse(x) = x_i - log softmax(x)_i at i = argmax (softmax_i >= 1 / V there, so the
-    log is exact to rounding). Per chunk at T = 1, v = Vs: two row maxima, two softmaxes, one subtraction, one row
-    dot and one in-place combination: about 12 reads/writes of [C, V] and two exp per element, against about 30 for
-    autograd through the plugin. Three [C, V] fp32 buffers (the workspaces), nothing else of that size.
-    The diagnostics (T = 1) cost two more row dots; at T != 1 they need their own softmaxes (_diag_T1)."""
+    lse comes from the softmax itself (_lse). fp32 accuracy: the softmax kernel's q sums to 1 only to ~6e-6 at
+    V = 32000, and sum_v q (t - z) is ~10 where KL is ~7, so the dot is divided by the cascade-summed sum_v q and lse
+    is corrected by it (_lse); without that the kd sum was 3e-5 off float64 (plain: 1.5e-6).
+    Per chunk at T = 1, v = Vs: two row maxima, two softmax kernels, three row sums, one subtraction, one row dot and
+    one in-place combination, two exp per element; autograd through the plugin does about twice the passes and three
+    exp. Three [C, V] fp32 buffers (the workspaces) and a few-MiB scratch, nothing else of that size.
+    The diagnostics (T = 1) cost two more row dots; at T != 1 they need their own log-softmaxes (_diag_T1)."""
     c, Vs = z.shape
     rows = torch.arange(c, device=z.device)
+    scratch = sp.scratch
     z_y = z.gather(1, y[:, None]).squeeze(1)                                    # [C], before z is overwritten
     if t is None:                                                               # CE only (no teacher)
         m, i = z.max(1)
         p = _softmax_into(z, z)                                                 # [C, Vs] in place
-        ce = (m - p.gather(1, i[:, None]).squeeze(1).log() - z_y).sum()
+        ce = (_lse(m, p, i) - z_y).sum()
         if not need_grad:
             return ce, None, None, None, 1.0
         p[rows, y] -= 1.0
@@ -191,24 +208,25 @@ def _forward_kl_chunk(z, t, q, y, sp, need_grad):
         t.div_(T)                                                               # t / T, as plain
     mt, it = t.max(1)                                                           # [C]
     _softmax_into(t, q)                                                         # q = p_t [C, v]
-    lse_t = mt - q.gather(1, it[:, None]).squeeze(1).log()
+    sq = q.sum(1)                                                               # 1 up to the kernel's rounding
+    lse_t = mt - q.gather(1, it[:, None]).squeeze(1).log() + sq.log()
+    qt = _rowdot(q, t, scratch) / sq if want_diag and T == 1.0 else None      # sum_v q t (teacher entropy)
     ms, i_s = zv.max(1)                                                         # student argmax on the shared vocab
     t.sub_(zv, alpha=1.0 / T)                                                   # t <- (t - z_v) / T
-    d = _rowdot(q, t)                                                           # sum_v q (t - z_v) / T
-    qz = _rowdot(q, zv) if want_diag and T == 1.0 else None
+    d = _rowdot(q, t, scratch) / sq                                             # sum_v q (t - z_v) / T
     pT = t                                                                      # t is dead: reuse for p_s^T
     if T == 1.0:
         _softmax_into(zv, pT)
     else:
         _softmax_into(torch.div(zv, T, out=pT), pT)
-    lse_s = (ms / T if T != 1.0 else ms) - pT.gather(1, i_s[:, None]).squeeze(1).log()
+    lse_s = _lse(ms / T if T != 1.0 else ms, pT, i_s)
     kl = d - lse_t + lse_s                                                      # [C] KL(p_t || p_s) at T
     kd = (T * T) * kl.sum()
     if want_diag and T == 1.0:
         inside = y < v                                                          # targets beyond the shared vocab
-        p_true = torch.where(inside, q.gather(1, y.clamp(max=v - 1)[:, None]).squeeze(1), 0.0)
-        diag = torch.stack([(lse_s - _rowdot(pT, zv)).sum(),                   # student entropy
-                            (lse_t - d - qz).sum(),                             # teacher: lse - sum q t
+        p_true = torch.where(inside, q.gather(1, y.clamp(max=v - 1)[:, None]).squeeze(1) / sq, 0.0)
+        diag = torch.stack([(lse_s - _rowdot(pT, zv, scratch) / pT.sum(1)).sum(),  # student: lse - sum p z
+                            (lse_t - qt).sum(),                                 # teacher: lse - sum q t
                             kl.sum(), (i_s == it).float().sum(), p_true.sum()])
     b = sp.w_kd * T
     if T == 1.0 and v == Vs:                                                    # CE shares the KD softmax
@@ -223,7 +241,7 @@ def _forward_kl_chunk(z, t, q, y, sp, need_grad):
         return ce, kd, diag, pT, a
     m1, i1 = (ms, i_s) if v == Vs else z.max(1)
     p1 = _softmax_into(z, z)                                                    # full-vocab softmax at T = 1
-    ce = (m1 - p1.gather(1, i1[:, None]).squeeze(1).log() - z_y).sum()
+    ce = (_lse(m1, p1, i1) - z_y).sum()
     if not need_grad:
         return ce, kd, diag, None, 1.0
     pT.sub_(q)                                                                  # p_s^T - p_t^T
@@ -254,6 +272,8 @@ def _chunk_loop(hs, ws, ht, wt, y, sp, need_h, need_w):
     zbuf = torch.empty(C, Vs, **f32)                                            # student logits, then dL/dz
     tbuf = torch.empty(C, sp.kd_vocab, **f32) if has_teacher else None          # teacher logits, then p_s^T
     qbuf = torch.empty(C, sp.kd_vocab, **f32) if has_teacher else None          # teacher (log-)probs
+    # Row-dot scratch of the closed form: ~2 MiB of rows (L2/L3-sized), whatever the chunk.
+    sp.scratch = torch.empty(max(1, min(C, 2 ** 19 // Vs)), Vs, **f32) if sp.chunk_fn is _forward_kl_chunk else None
     chunk_fn = sp.chunk_fn
     for i in range(0, N, C):
         h = hs[i:i + C].detach().to(sp.s_dtype)                                 # [c, Hs]
