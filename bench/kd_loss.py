@@ -189,6 +189,40 @@ def cpu_peak(variant, a):
     return int(json.loads(out.strip().splitlines()[-1])["peak_bytes"])
 
 
+def chunk_sweep(a, use_cuda):
+    """The fused head at several chunk sizes, interleaved: the measurement behind the automatic chunk size."""
+    variant = next((v for v in a.variants.split(",") if v.startswith("fused")), "fused")
+    sizes = [int(c) for c in a.chunk_sweep.split(",")]
+    device = torch.device("cuda" if use_cuda else "cpu")
+    inputs = make_inputs(a, device)
+    steps = {}
+    for c in sizes:
+        a.chunk_size = c
+        steps[c] = step_fn(variant, a, inputs)
+    first, med, _ = time_interleaved(steps, a.reps, device, inputs)
+    if use_cuda:
+        peaks = {c: cuda_peak(s, device) for c, s in steps.items()}
+    else:
+        del inputs, steps
+        peaks = {}
+        for c in sizes:
+            a.chunk_size = c
+            a.forward_args[a.forward_args.index("--chunk-size") + 1] = str(c)
+            peaks[c] = cpu_peak(variant, a)
+    t_idx = 0 if use_cuda else 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"chunk sweep of {variant}: vocab {a.vocab}, tokens {a.tokens}, hidden {a.hidden}, {a.dtype}, "
+          f"T {a.temperature}, median of {a.reps}, load average {load}")
+    print(f"{'rows':>6} {'first s':>8} {'wall s':>8} {'cpu s':>8} {'peak MiB':>9}")
+    for c in sizes:
+        print(f"{c:>6} {first[c]:>8.2f} {med[c][0]:>8.2f} {med[c][1]:>8.2f} {peaks[c] / 2**20:>9.1f}")
+    print(json.dumps({"bench": "kd_loss_chunk_sweep", "variant": variant, "loadavg_1m": load,
+                      "config": dict(vocab=a.vocab, tokens=a.tokens, hidden=a.hidden, dtype=a.dtype,
+                                     temperature=a.temperature, reps=a.reps),
+                      "time_s": {c: round(med[c][t_idx], 3) for c in sizes},
+                      "peak_mib": {c: round(peaks[c] / 2**20, 1) for c in sizes}}))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="GPU config (default when CUDA is available)")
@@ -205,6 +239,8 @@ def main():
     p.add_argument("--liger-chunk", type=int, default=1024, help="Liger's chunk_size (its default 1024)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated subset of " + ", ".join(VARIANTS) + " (liger* skipped when not installed)")
+    p.add_argument("--chunk-sweep", default="", help="e.g. 256,512,1024,2048: time and peak of the fused variant "
+                   "(--variants' first fused* one, default fused) at each chunk size instead of the comparison")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--_child", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -223,6 +259,8 @@ def main():
         print(json.dumps({"peak_bytes": cpu_peak_child(a._child, a)}))
         return
 
+    if a.chunk_sweep:
+        return chunk_sweep(a, use_cuda)
     names = [v for v in a.variants.split(",") if v]
     unknown = set(names) - set(VARIANTS)
     if unknown or "plain" not in names:

@@ -99,9 +99,11 @@ def _log_softmax_into(x, out):
 
 
 def _rowdot(a, b, scratch):
-    """sum_v a[c, v] * b[c, v] -> [C] fp32, accurate: the products go to `scratch` ([R, V], a few MiB, reused) a block
-    of R rows at a time and are summed by torch's cascade sum. A batched [1, V] x [V, 1] matmul needs no scratch but
-    sums sequentially: 4.5e-4 absolute error at V = 32000 (5e-6 relative), too much for a KL that is a difference."""
+    """sum_v a[c, v] * b[c, v] -> [C] fp32, accurate: the products go to `scratch` ([R, V], a quarter chunk, reused) R
+    rows at a time and are summed by torch's cascade sum. A batched [1, V] x [V, 1] matmul needs no scratch but sums
+    sequentially: 4.5e-4 absolute error at V = 32000 (5e-6 relative), too much for entropies that are differences.
+    Few large blocks on purpose: every op is a parallel region, and on a loaded CPU each barrier can wait for a
+    descheduled thread. Only the diagnostics use it; the KL's own dot reuses a dead workspace in place."""
     out = a.new_empty(a.shape[0])
     R = scratch.shape[0]
     for r in range(0, a.shape[0], R):
@@ -212,20 +214,24 @@ def _forward_kl_chunk(z, t, q, y, sp, need_grad):
     lse_t = mt - q.gather(1, it[:, None]).squeeze(1).log() + sq.log()
     qt = _rowdot(q, t, scratch) / sq if want_diag and T == 1.0 else None      # sum_v q t (teacher entropy)
     ms, i_s = zv.max(1)                                                         # student argmax on the shared vocab
-    t.sub_(zv, alpha=1.0 / T)                                                   # t <- (t - z_v) / T
-    d = _rowdot(q, t, scratch) / sq                                             # sum_v q (t - z_v) / T
-    pT = t                                                                      # t is dead: reuse for p_s^T
+    t.sub_(zv, alpha=1.0 / T).mul_(q)                                           # t <- q (t - z_v) / T, t dies here
+    d = t.sum(1) / sq                                                           # cascade sum: sum_v q (t - z_v) / T
+    pT = t                                                                      # reused for p_s^T
     if T == 1.0:
         _softmax_into(zv, pT)
     else:
         _softmax_into(torch.div(zv, T, out=pT), pT)
-    lse_s = _lse(ms / T if T != 1.0 else ms, pT, i_s)
+    sp_ = pT.sum(1)                                                             # 1 up to the kernel's rounding
+    lse_s = ms / T if T != 1.0 else ms
+    lse_s = lse_s - pT.gather(1, i_s[:, None]).squeeze(1).log() + sp_.log()   # as _lse
     kl = d - lse_t + lse_s                                                      # [C] KL(p_t || p_s) at T
     kd = (T * T) * kl.sum()
     if want_diag and T == 1.0:
         inside = y < v                                                          # targets beyond the shared vocab
         p_true = torch.where(inside, q.gather(1, y.clamp(max=v - 1)[:, None]).squeeze(1) / sq, 0.0)
-        diag = torch.stack([(lse_s - _rowdot(pT, zv, scratch) / pT.sum(1)).sum(),  # student: lse - sum p z
+        fast = v == Vs                                                          # z dies below: product in place
+        pz = (zv.mul_(pT).sum(1) if fast else _rowdot(pT, zv, scratch)) / sp_
+        diag = torch.stack([(lse_s - pz).sum(),                                 # student: lse - sum p z
                             (lse_t - qt).sum(),                                 # teacher: lse - sum q t
                             kl.sum(), (i_s == it).float().sum(), p_true.sum()])
     b = sp.w_kd * T
@@ -272,8 +278,10 @@ def _chunk_loop(hs, ws, ht, wt, y, sp, need_h, need_w):
     zbuf = torch.empty(C, Vs, **f32)                                            # student logits, then dL/dz
     tbuf = torch.empty(C, sp.kd_vocab, **f32) if has_teacher else None          # teacher logits, then p_s^T
     qbuf = torch.empty(C, sp.kd_vocab, **f32) if has_teacher else None          # teacher (log-)probs
-    # Row-dot scratch of the closed form: ~2 MiB of rows (L2/L3-sized), whatever the chunk.
-    sp.scratch = torch.empty(max(1, min(C, 2 ** 19 // Vs)), Vs, **f32) if sp.chunk_fn is _forward_kl_chunk else None
+    # Row-dot scratch for the closed form's diagnostics: a quarter chunk (+8 % of the head's peak at V = 32000).
+    sp.scratch = None
+    if sp.chunk_fn is _forward_kl_chunk and has_teacher and sp.want_diag:       # the diagnostics' row dots
+        sp.scratch = torch.empty(max(1, -(-C // 4)), Vs, **f32)
     chunk_fn = sp.chunk_fn
     for i in range(0, N, C):
         h = hs[i:i + C].detach().to(sp.s_dtype)                                 # [c, Hs]
