@@ -36,8 +36,10 @@ from distillery.errors import ConfigError, DataError, Preempted, TrainingError, 
 from distillery.guard import Guard
 from distillery.launch import init_distributed, rank_world
 from distillery.loss_parts import IGNORE_INDEX, shift_targets
-from distillery.models import build_student, check_model_dir, export_hf, load_pretrained, zero3_context
+from distillery.models import (attn_implementation, build_student, check_model_dir, export_hf, load_pretrained,
+                               zero3_context)
 from distillery.objective import Objective
+from distillery.packing import doc_positions
 from distillery.preempt import Preemption
 from distillery.runlock import RunLock
 from distillery.sampler import RankReader
@@ -82,6 +84,10 @@ def resolve(args):
                           f"({cfg.global_batch_size} x {cfg.seq_len} tokens)")
     if cfg.student_init:
         check_model_dir(cfg.student_init, index, who="student_init")
+    cfg.attn_impl = attn_implementation(cfg.attn_impl, cfg.doc_mask)  # the kernel this run uses, in config.yaml
+    if cfg.doc_mask and index.get("eos_id") is None:
+        raise DataError(f"doc_mask=true needs the data's EOS id, and {cfg.data}/index.json has none; rebuild the "
+                        f"data with data_prep, or set doc_mask=false")
     world = int(os.environ.get("WORLD_SIZE", 1))
     _, grad_accum = batch_layout(cfg, world)
     objective = Objective.from_config(cfg, total_steps)
@@ -223,6 +229,8 @@ def train(run):
         lr = engine.get_lr()[0]
         batch = run.rows(step)                                                       # [GA, mb, S]
         targets = torch.stack([shift_targets(b) for b in batch])                     # [GA, mb, S]
+        positions = ([doc_positions(b, plan.index["eos_id"]) for b in batch] if cfg.doc_mask  # [mb, S] each
+                     else [None] * plan.grad_accum)
         # One all-reduce gives the global target count and whether any rank was asked to stop (preemption).
         counts = torch.tensor([float((targets != IGNORE_INDEX).sum()), run.preemption.requested()],
                               dtype=torch.float64, device=dev)
@@ -248,8 +256,9 @@ def train(run):
         with step_timer():
             for m in range(plan.grad_accum):
                 x, y = batch[m].to(dev, non_blocking=True), targets[m].to(dev, non_blocking=True)
+                pos = positions[m].to(dev, non_blocking=True) if positions[m] is not None else None
                 parts = micro_step(engine, run.teacher, x, y, loss_kw, w_ce * scale, w_kd * scale, want_diag,
-                                   teacher_timer)
+                                   teacher_timer, pos)
                 stats.add(parts, inv_n, w_ce, w_kd)
         stats.end_step(n_global.item())
         guard.after_step(done, engine, stats)

@@ -10,8 +10,12 @@ Variants (each measured on the same random batches, after warm-up, median step t
   distillery  the trainer's path: engines from distillery.engines (ZeRO-3 StudentWithLoss + fused KD head, AdamW with
               the trainer's parameter groups and LR schedule, clip 1.0; a ZeRO-3 inference teacher) and the trainer's
               own micro-step (distillery/step.py: teacher forward, gathered head, loss, backward, step), one rank.
+  distillery_doc_mask  the same with document masking (doc_mask=true, the trainer's default): restarting positions
+              to student and teacher, so transformers builds a block-diagonal mask (rows hold ~DOC_LEN-token
+              documents here). doc_mask_step_time_ratio = its step time / distillery's.
 Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU, peak RSS of a fresh child process per variant.
-Ends with one JSON line: tokens/s, step ms, peak memory per variant and the distillery / naive ratios. The anchor's
+Ends with one JSON line: tokens/s, step ms, peak memory per variant, the distillery / naive ratios and the doc_mask
+ratio. The anchor's
 DeepSpeed ZeRO-3 + naive KD row (peers_and_pitfalls.md) was 19,864 tok/s and 64.7 GiB on an H100.
 """
 import argparse
@@ -46,10 +50,19 @@ def hf_cfg(s, p):
                        use_cache=False, attn_implementation="sdpa")
 
 
+EOS, DOC_LEN = 0, 64  # documents of ~64 tokens: two per CPU row, so the doc_mask variant really masks
+
+
 def batches(s):
+    """Random rows with an EOS (id 0) ending a document every ~DOC_LEN tokens; every variant gets the same rows."""
     import torch
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, s["vocab"], (s["mb"], s["seq"]), generator=g) for _ in range(4)]
+    out = []
+    for _ in range(4):
+        x = torch.randint(1, s["vocab"], (s["mb"], s["seq"]), generator=g)
+        x[torch.rand(x.shape, generator=g) < 1.0 / DOC_LEN] = EOS
+        out.append(x)
+    return out
 
 
 def run_naive(s, dev):
@@ -83,9 +96,10 @@ def run_naive(s, dev):
     return step
 
 
-def run_distillery(s, dev):
+def run_distillery(s, dev, doc_mask=False):
     """The trainer's own pieces: engines from distillery.engines (param groups, AdamW, LR schedule, clipping from the
-    Config), the Objective, and distillery.step.micro_step, the function train.py calls for every micro-batch."""
+    Config), the Objective, and distillery.step.micro_step, the function train.py calls for every micro-batch.
+    doc_mask: document positions (distillery/packing.py) to student and teacher, as train.py does by default."""
     import torch
     from transformers import AutoModelForCausalLM
     from distillery.config import Config
@@ -93,6 +107,7 @@ def run_distillery(s, dev):
     from distillery.loss_parts import shift_targets
     from distillery.models import zero3_context
     from distillery.objective import Objective
+    from distillery.packing import doc_positions
     from distillery.step import micro_step
     cfg = Config(micro_batch_size=s["mb"], global_batch_size=s["mb"], lr=1e-4, alpha=ALPHA, loss_impl="fused",
                  train_tokens=10 ** 9, seq_len=s["seq"])
@@ -112,7 +127,8 @@ def run_distillery(s, dev):
 
     def step(x):
         x = x.to(engine.device)
-        parts = micro_step(engine, teacher, x, shift_targets(x), loss_kw, w_ce / n, w_kd / n)
+        pos = doc_positions(x, EOS) if doc_mask else None
+        parts = micro_step(engine, teacher, x, shift_targets(x), loss_kw, w_ce / n, w_kd / n, positions=pos)
         return parts["loss"]
     return step
 
@@ -121,10 +137,13 @@ def measure(variant, gpu):
     import torch
     dev = "cuda" if gpu else "cpu"
     s = shapes(gpu)
-    if variant == "distillery":
+    if variant.startswith("distillery"):
         from distillery.launch import init_distributed
         init_distributed()
-    step = (run_distillery if variant == "distillery" else run_naive)(s, dev)
+    if variant == "naive":
+        step = run_naive(s, dev)
+    else:
+        step = run_distillery(s, dev, doc_mask=variant == "distillery_doc_mask")
     bs = [b.to(dev) for b in batches(s)]
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     if gpu:
@@ -153,19 +172,20 @@ def main():
         print(json.dumps(measure(a.child, a.gpu)))
         return
     res = {}
-    for v in ("naive", "distillery"):
+    for v in ("naive", "distillery", "distillery_doc_mask"):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", v] + (["--gpu"] if a.gpu else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             raise SystemExit(f"{v} failed:\n{p.stderr[-3000:]}")
         res[v] = json.loads(p.stdout.strip().splitlines()[-1])
-        print(f"{v:<11} {res[v]['step_ms']:>10.1f} ms/step {res[v]['tokens_per_s']:>10,} tok/s "
+        print(f"{v:<20} {res[v]['step_ms']:>10.1f} ms/step {res[v]['tokens_per_s']:>10,} tok/s "
               f"peak {res[v]['peak_gib']:.2f} GiB{' (RSS)' if not a.gpu else ''}", flush=True)
-    n, d = res["naive"], res["distillery"]
+    n, d, m = res["naive"], res["distillery"], res["distillery_doc_mask"]
     print(json.dumps({"bench": "train_step", "device": "cuda" if a.gpu else "cpu", **shapes(a.gpu),
-                      "naive": n, "distillery": d,
+                      "doc_len": DOC_LEN, "naive": n, "distillery": d, "distillery_doc_mask": m,
                       "tokens_per_s_ratio": round(d["tokens_per_s"] / n["tokens_per_s"], 3),
-                      "peak_mem_ratio": round(d["peak_gib"] / n["peak_gib"], 3)}))
+                      "peak_mem_ratio": round(d["peak_gib"] / n["peak_gib"], 3),
+                      "doc_mask_step_time_ratio": round(m["step_ms"] / d["step_ms"], 3)}))
 
 
 if __name__ == "__main__":

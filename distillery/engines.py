@@ -93,8 +93,11 @@ class StudentWithLoss(nn.Module):
         if hasattr(w, "ds_id"):
             deepspeed.zero.register_external_parameter(self, w)
 
-    def forward(self, input_ids, targets, teacher_hidden=None, teacher_weight=None, **loss_kw):
-        hidden = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, S, H]
+    def forward(self, input_ids, targets, teacher_hidden=None, teacher_weight=None, position_ids=None, **loss_kw):
+        # position_ids [B, S] restarting per document (distillery/packing.py) make transformers mask attention per
+        # document; None is one causal sequence per row.
+        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids,
+                               use_cache=False).last_hidden_state                  # [B, S, H]
         parts = compute_loss(student_hidden=hidden, student_weight=self.lm.get_output_embeddings().weight,
                              targets=targets, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                              **loss_kw)
@@ -112,8 +115,10 @@ class TeacherHidden(nn.Module):
         for p in self.lm.parameters():
             p.requires_grad_(False)
 
-    def forward(self, input_ids):
-        return self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, S, Ht]
+    def forward(self, input_ids, position_ids=None):
+        # the student's positions: the teacher sees exactly the context the student sees (peers_and_pitfalls.md)
+        return self.lm.model(input_ids=input_ids, position_ids=position_ids,
+                             use_cache=False).last_hidden_state                    # [B, S, Ht]
 
     @property
     def head_weight(self):

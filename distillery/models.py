@@ -44,11 +44,17 @@ PRESETS = {
 }
 
 
-def attn_implementation(requested="auto"):
+def attn_implementation(requested="auto", doc_mask=False):
+    """The attention kernel: an explicit choice, or for auto the fastest one that is here. With document masking
+    the mask is block-diagonal: flash-attn 2 runs it as varlen (no mask tensor at all); without flash-attn, flex
+    attention compiles the block mask into a sparse kernel on GPU; SDPA would get a dense boolean mask, which rules
+    out its flash kernel. On CPU (and without doc_mask) SDPA."""
     if requested != "auto":
         return requested
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    if torch.cuda.is_available() and doc_mask and importlib.util.find_spec("torch.nn.attention.flex_attention"):
+        return "flex_attention"
     return "sdpa"  # PyTorch SDPA: flash / cuDNN / memory-efficient kernels on GPU, math on CPU
 
 

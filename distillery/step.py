@@ -35,22 +35,23 @@ class Timer:
         self.seconds += time.perf_counter() - t0
 
 
-def micro_step(engine, teacher, x, y, loss_kw, w_ce, w_kd, want_diag=False, teacher_timer=None):
+def micro_step(engine, teacher, x, y, loss_kw, w_ce, w_kd, want_diag=False, teacher_timer=None, positions=None):
     """One micro-batch through teacher and student, backward and (accumulation-aware) step.
 
-    x, y: [mb, S] token rows and their targets on the engine's device. loss_kw: Objective.loss_kw(). w_ce, w_kd: the
+    x, y: [mb, S] token rows and their targets on the engine's device. positions: [mb, S] document positions
+    (distillery/packing.py) given to both models, or None (one causal sequence per row). loss_kw: Objective.loss_kw(). w_ce, w_kd: the
     loss weights with any normalisation folded in. Returns the engine's output dict (loss, ce_sum, kd_sum, n_tokens,
     diag). The teacher's output weight is gathered for the duration of the student's forward only: the fused head
     reads it chunk by chunk, and ZeRO-3 releases it right after."""
     t_hidden, t_weight, gather = None, None, contextlib.nullcontext()
     if teacher is not None:
         with teacher_timer() if teacher_timer is not None else contextlib.nullcontext(), torch.no_grad():
-            t_hidden = teacher(x)                                                  # [mb, S, Ht]
+            t_hidden = teacher(x, position_ids=positions)                          # [mb, S, Ht]
         t_weight = teacher.module.head_weight
         gather = deepspeed.zero.GatheredParameters([t_weight], modifier_rank=None)
     with gather:
         parts = engine(input_ids=x, targets=y, teacher_hidden=t_hidden, teacher_weight=t_weight, w_ce=w_ce,
-                       w_kd=w_kd, want_diag=want_diag and teacher is not None, **loss_kw)
+                       w_kd=w_kd, want_diag=want_diag and teacher is not None, position_ids=positions, **loss_kw)
     if t_hidden is not None:  # which term went bad, when one does (a [mb, S, Ht] reduction: ~free next to the forward)
         parts["teacher_finite"] = torch.isfinite(t_hidden).all()
     engine.backward(parts["loss"])

@@ -30,8 +30,9 @@ class Progress(Callback):
         if ctx.rank == 0:
             kd = (f"alpha={cfg.alpha} {cfg.mix}/{cfg.divergence} T={cfg.temperature}, teacher {cfg.teacher}"
                   if ctx.teacher is not None else "no teacher (alpha = 0)")
+            mask = "document-masked" if cfg.doc_mask else "one causal sequence per row"
             print(f"[{cfg.name}] {cfg.student} {kd}: steps {ctx.start_step}->{ctx.total_steps}, "
-                  f"{cfg.global_batch_size}x{cfg.seq_len} tokens/step", flush=True)
+                  f"{cfg.global_batch_size}x{cfg.seq_len} tokens/step ({mask}, attention {cfg.attn_impl})", flush=True)
 
     def on_log(self, ctx, step, record):
         if ctx.rank != 0:

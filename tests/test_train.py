@@ -53,17 +53,32 @@ COUNTER = ["callbacks=[entropy,progress,tensorboard,eval_final,test_counter]",
            "callback_args={test_counter: {every: 2}}"]
 
 
+# The KD runs below use a seed whose batches cross document boundaries (rows of the stdlib corpus seldom do), so the
+# 2-rank and resume checks cover document masking (doc_mask is on by default).
+SEED = "seed=46"
+
+
+def boundaries(data_dir, seed, n_rows):
+    """Number of in-row document boundaries (an EOS before a row's last token) in the run's first n_rows rows."""
+    from distillery.sampler import GlobalOrder
+    from distillery.shards import TokenRows
+    rows = TokenRows(data_dir)
+    x = rows.take(GlobalOrder(len(rows), seed).indices(0, n_rows))
+    return int((x[:, :-1] == rows.index["eos_id"]).sum())
+
+
 @pytest.fixture(scope="module")
 def kd_run(data_dir, teacher_dir, tmp_path_factory):
     """10 uninterrupted KD steps on one rank (the reference for the distributed and resume tests)."""
+    assert boundaries(data_dir, 46, 40) >= 2  # steps 1-5 hold document boundaries
     out = tmp_path_factory.mktemp("runs")
-    run_inprocess(data_dir, out, "name=full", f"teacher={teacher_dir}", "alpha=0.4", "save_interval=0")
+    run_inprocess(data_dir, out, "name=full", f"teacher={teacher_dir}", "alpha=0.4", "save_interval=0", SEED)
     return out / "full"
 
 
 def test_two_ranks_match_one_rank(kd_run, data_dir, teacher_dir, tmp_path):
     """Same global batch (8 rows): 2 ranks x 1 micro-batch x 4 == 1 rank x 2 micro-batches x 4, for 5 steps."""
-    run_launcher(data_dir, tmp_path, "name=two", f"teacher={teacher_dir}", "alpha=0.4", "max_steps=5")
+    run_launcher(data_dir, tmp_path, "name=two", f"teacher={teacher_dir}", "alpha=0.4", "max_steps=5", SEED)
     one, _ = read_metrics(kd_run)
     two, _ = read_metrics(tmp_path / "two")
     assert sorted(two) == [1, 2, 3, 4, 5]
@@ -76,10 +91,10 @@ def test_two_ranks_match_one_rank(kd_run, data_dir, teacher_dir, tmp_path):
 def test_resume_is_exact(kd_run, data_dir, teacher_dir, tmp_path):
     """5 steps, stop, resume=auto for 5 more == 10 uninterrupted steps: losses and final weights. A callback with
     options from callback_args continues from its checkpointed state."""
-    run_inprocess(data_dir, tmp_path, "name=r", f"teacher={teacher_dir}", "alpha=0.4", "max_steps=5", *COUNTER)
+    run_inprocess(data_dir, tmp_path, "name=r", f"teacher={teacher_dir}", "alpha=0.4", "max_steps=5", SEED, *COUNTER)
     assert not os.path.exists(tmp_path / "r" / "export")  # stopped early: no export of a half-trained student
     assert json.loads((tmp_path / "r" / "counter.json").read_text()) == {"n": 2, "resumed_from": 0, "step": 5}
-    run_inprocess(data_dir, tmp_path, "name=r", f"teacher={teacher_dir}", "alpha=0.4", "resume=auto", *COUNTER)
+    run_inprocess(data_dir, tmp_path, "name=r", f"teacher={teacher_dir}", "alpha=0.4", "resume=auto", SEED, *COUNTER)
     # every=2 over steps 1..10 counts 2, 4, 6, 8, 10; the resumed process started from the saved 2
     assert json.loads((tmp_path / "r" / "counter.json").read_text()) == {"n": 5, "resumed_from": 2, "step": 10}
     full, _ = read_metrics(kd_run)
@@ -94,10 +109,17 @@ def test_resume_is_exact(kd_run, data_dir, teacher_dir, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_alpha_zero_is_plain_ce_and_loads_no_teacher(data_dir, tmp_path):
-    """alpha = 0 never opens the teacher (a bogus path is fine) and its first loss is the HF model's own CE."""
+@pytest.mark.parametrize("doc_mask", [True, False])
+def test_alpha_zero_is_plain_ce_and_loads_no_teacher(data_dir, tmp_path, doc_mask):
+    """alpha = 0 never opens the teacher (a bogus path is fine) and its first loss is the HF model's own CE: with
+    document masking, the HF model given the same restarting positions; without, the plain causal forward."""
+    from distillery.sampler import GlobalOrder
+    from distillery.shards import TokenRows
+    rows = TokenRows(data_dir)
+    eos = rows.index["eos_id"]
+    seed = next(s for s in range(43, 1000) if boundaries(data_dir, s, 8))  # a first batch with a boundary
     run_dir = run_inprocess(data_dir, tmp_path, "name=base", "alpha=0", "teacher=/no/such/teacher", "max_steps=1",
-                            "callbacks=[]")
+                            "callbacks=[]", f"doc_mask={str(doc_mask).lower()}", f"seed={seed}")
     train_m, _ = read_metrics(run_dir)
     assert train_m[1]["loss/kd"] == 0.0 and "perf/teacher_share" not in train_m[1]
     # Recompute step 1's loss with the untouched transformers model: same seed -> same ZeRO-3 init.
@@ -106,17 +128,18 @@ def test_alpha_zero_is_plain_ce_and_loads_no_teacher(data_dir, tmp_path):
     from distillery.config import load_config
     from distillery.engines import student_ds_config, load_ds_config
     from distillery.models import hf_config, zero3_context
-    from distillery.sampler import GlobalOrder
-    from distillery.shards import TokenRows
-    rows = TokenRows(data_dir)
-    cfg = load_config(None, [f"data={data_dir}", "student=micro", "micro_batch_size=4", "global_batch_size=8"])
+    from distillery.packing import doc_positions
+    cfg = load_config(None, [f"data={data_dir}", "student=micro", "micro_batch_size=4", "global_batch_size=8",
+                             f"seed={seed}"])
     ds = student_ds_config(load_ds_config(str(REPO / "ds_configs/cpu.json")), cfg, 1)
     torch.manual_seed(cfg.seed)
     with zero3_context(ds):
         lm = AutoModelForCausalLM.from_config(hf_config("micro", rows.vocab_size, 64), dtype=torch.float32)
     x = torch.from_numpy(rows.take(GlobalOrder(len(rows), cfg.seed).indices(0, 8)))
+    pos = doc_positions(x, eos) if doc_mask else None
+    assert (doc_positions(x, eos)[:, 1:] == 0).any()  # the batch really holds document boundaries
     with deepspeed.zero.GatheredParameters(list(lm.parameters())), torch.no_grad():
-        ref = lm(input_ids=x, labels=x).loss.item()  # HF shifts labels internally; mean over 8 x 63 targets
+        ref = lm(input_ids=x, labels=x, position_ids=pos).loss.item()  # mean over 8 x 63 shifted targets
     assert train_m[1]["loss/ce"] == pytest.approx(ref, rel=1e-5)
 
 

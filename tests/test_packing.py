@@ -1,0 +1,75 @@
+"""Document masking (distillery/packing.py): a packed document's logits equal the document alone at the start of a
+row, for the student and the teacher, through the real model classes; the packed KD loss is the sum of the
+documents' losses once the boundary targets (a document's EOS predicting the next document's first token) are left
+out. Those boundary targets are trained, as in the study: they are the only difference."""
+import pytest
+import torch
+
+from distillery.engines import StudentWithLoss, TeacherHidden
+from distillery.loss_parts import IGNORE_INDEX, shift_targets
+from distillery.models import hf_config
+from distillery.packing import doc_positions
+from plugins import get
+
+EOS, V = 0, 96
+
+
+def test_positions_restart_after_each_eos():
+    x = torch.tensor([[5, 6, EOS, 7, 8, 9, EOS, 3], [EOS, 1, 2, 3, EOS, EOS, 4, 5], [1, 2, 3, 4, 5, 6, 7, 8]])
+    assert doc_positions(x, EOS).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 1, 2, 3, 0, 0, 1],
+                                               [0, 1, 2, 3, 4, 5, 6, 7]]
+
+
+def docs():
+    g = torch.Generator().manual_seed(3)
+    return [torch.cat([torch.randint(1, V, (n,), generator=g), torch.tensor([EOS])]) for n in (7, 10, 6)]
+
+
+def models(preset):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_config(hf_config(preset, V, 64)).eval()
+    torch.manual_seed(1)
+    teacher = AutoModelForCausalLM.from_config(hf_config("micro", V, 64)).eval()
+    return StudentWithLoss(student), TeacherHidden(teacher)
+
+
+@pytest.mark.parametrize("preset", ["micro", "micro-qwen3"])
+@torch.no_grad()
+def test_packed_document_sees_only_itself(preset):
+    a, b, c = docs()
+    packed = torch.cat([a, b, c])[None]                # A|B|C
+    alone = torch.cat([b, c])[None]                    # B at the start of a row
+    sb = slice(len(a), len(a) + len(b))                # B's positions in the packed row
+    student, teacher = models(preset)
+    w_s, w_t = student.lm.get_output_embeddings().weight, teacher.head_weight
+    for name, hidden, w in (("student", lambda x, p: student.lm.model(input_ids=x, position_ids=p).last_hidden_state,
+                             w_s), ("teacher", lambda x, p: teacher(x, position_ids=p), w_t)):
+        lp = hidden(packed, doc_positions(packed, EOS))[0, sb] @ w.t()
+        la = hidden(alone, doc_positions(alone, EOS))[0, :len(b)] @ w.t()
+        torch.testing.assert_close(lp, la, rtol=1e-5, atol=1e-5, msg=name)
+        # without document masking B's logits depend on A: the check above can fail
+        unmasked = hidden(packed, None)[0, sb] @ w.t()
+        assert (unmasked - la).abs().max() > 1e-3, name
+
+
+@pytest.mark.parametrize("impl", ["plain", "fused"])
+@pytest.mark.parametrize("preset", ["micro", "micro-qwen3"])
+@torch.no_grad()
+def test_packed_kd_loss_is_the_sum_of_the_documents(preset, impl):
+    ds = docs()
+    packed = torch.cat(ds)[None]
+    student, teacher = models(preset)
+    kw = dict(teacher_weight=teacher.head_weight, impl=impl, divergence=get("divergence", "forward_kl"),
+              temperature=2.0, w_ce=1.0, w_kd=1.0, kd_vocab=V)
+
+    def sums(x, y):
+        pos = doc_positions(x, EOS)
+        out = student(input_ids=x, targets=y, teacher_hidden=teacher(x, position_ids=pos), position_ids=pos, **kw)
+        return torch.stack([out["ce_sum"], out["kd_sum"], out["n_tokens"].double().float()])
+
+    y = shift_targets(packed)
+    ends = torch.cumsum(torch.tensor([len(d) for d in ds]), 0)[:-1] - 1   # each document's EOS but the last
+    y[0, ends] = IGNORE_INDEX                                              # the boundary targets, left out
+    per_doc = sum(sums(d[None], shift_targets(d[None])) for d in ds)
+    torch.testing.assert_close(sums(packed, y), per_doc, rtol=1e-5, atol=1e-5)
