@@ -33,11 +33,12 @@ from distillery.config import Config, load_config, save_config, to_dict
 from distillery.engines import (batch_layout, init_student, init_teacher, load_ds_config, student_ds_config,
                                 teacher_ds_config)
 from distillery.errors import ConfigError, DataError, Preempted, TrainingError, cli  # noqa: F401  (TrainingError: tests)
+from distillery.flops import ComputeLedger, compute_match_budget, export_pretrain_flops, write_export_compute
 from distillery.guard import Guard
 from distillery.launch import init_distributed, rank_world
 from distillery.loss_parts import IGNORE_INDEX, shift_targets
-from distillery.models import (attn_implementation, build_student, check_model_dir, export_hf, load_pretrained,
-                               zero3_context)
+from distillery.models import (attn_implementation, build_student, check_model_dir, export_hf, hf_config,
+                               load_pretrained, zero3_context)
 from distillery.objective import Objective
 from distillery.packing import doc_positions
 from distillery.preempt import Preemption
@@ -85,6 +86,12 @@ def resolve(args):
     if cfg.student_init:
         check_model_dir(cfg.student_init, index, who="student_init")
     cfg.attn_impl = attn_implementation(cfg.attn_impl, cfg.doc_mask)  # the kernel this run uses, in config.yaml
+    if cfg.compute_match:  # an alpha = 0 baseline at the FLOPs of a distilled run (student + teacher forward)
+        student = cfg.student_init or hf_config(cfg.student, index["vocab_size"], cfg.seq_len)
+        cfg.train_tokens, teacher, tokens = compute_match_budget(cfg, student)
+        if rank_world()[0] == 0:
+            print(f"note: compute_match: {tokens:,} distilled tokens with teacher {teacher} -> train_tokens="
+                  f"{cfg.train_tokens:,} for this baseline")
     if cfg.doc_mask and index.get("eos_id") is None:
         raise DataError(f"doc_mask=true needs the data's EOS id, and {cfg.data}/index.json has none; rebuild the "
                         f"data with data_prep, or set doc_mask=false")
@@ -156,6 +163,7 @@ class Run:
     streams: dict              # eval set name -> 1-D tokens (windowed PPL, eval/ppl.py)
     ctx: Context               # handed to every callback hook
     preemption: Preemption     # SIGTERM / SIGUSR1 -> save and exit at the next step boundary
+    ledger: ComputeLedger      # FLOPs so far: student training, teacher forward (distillery/flops.py)
 
     def rows(self, step):
         """This rank's rows of optimizer step `step`: [grad_accum, micro_batch, S] (sampler.rank_slice)."""
@@ -181,11 +189,15 @@ def start(plan, rank, world):
     preemption = Preemption()  # before the slow part: a signal during start-up is honoured at the first step
     where = checkpoint.find_resume(cfg)  # verified, with fallback to the newest intact checkpoint
     engine, teacher = build_engines(plan, where)
+    ledger = ComputeLedger(engine.module.lm.config, cfg.seq_len, teacher.module.lm.config if teacher else None,
+                           teacher_pretrain_flops=(export_pretrain_flops(cfg.teacher) or 0) if teacher else 0)
     start_step = 0
     if where is not None:
         client = checkpoint.load(engine, cfg, where)
         start_step = client["step"]
         plan.callbacks.load_state_dict(client.get("callbacks", {}))
+        if "compute" in client:
+            ledger.load_state_dict(client["compute"])
         resume.apply_lr(engine, cfg, plan.total_steps)  # this config's lr schedule, not the checkpoint's
     writer = NullWriter()
     if rank == 0:
@@ -198,7 +210,7 @@ def start(plan, rank, world):
     plan.callbacks.bind(ctx, metrics_path=os.path.join(cfg.run_dir, "metrics.jsonl"))
     reader = RankReader(cfg.data, cfg.seed, rank=rank, world=world)
     streams = {s: load_stream(cfg.eval_data or cfg.data, s) for s in cfg.eval_sets}
-    return Run(plan, engine, teacher, reader, streams, ctx, preemption)
+    return Run(plan, engine, teacher, reader, streams, ctx, preemption, ledger)
 
 
 # ---------------------------------------------------------------------------- loop
@@ -261,6 +273,7 @@ def train(run):
                                    teacher_timer, pos)
                 stats.add(parts, inv_n, w_ce, w_kd)
         stats.end_step(n_global.item())
+        run.ledger.add_step(tokens_per_step)
         guard.after_step(done, engine, stats)
         metrics = diag = None
         if timed:  # a checkpoint is never written without checking the loss first
@@ -271,7 +284,7 @@ def train(run):
             metrics = {"loss/total": s.total, "loss/ce": s.ce, "loss/kd": s.kd, "alpha": alpha, "lr": lr,
                        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                        "tokens/seen": done * tokens_per_step, "perf/tokens_per_s": steps * tokens_per_step / dt,
-                       "perf/step_s": dt / steps, **guard.metrics()}
+                       "perf/step_s": dt / steps, **guard.metrics(), **run.ledger.metrics()}
             if run.teacher is not None:
                 metrics["perf/teacher_share"] = teacher_timer.seconds / step_timer.seconds
             diag = s.diag
@@ -292,7 +305,8 @@ def train(run):
 def save(run, step):
     """A checkpoint of `step` (every rank): engine state, the run's config, the callbacks' state."""
     path = checkpoint.save(run.engine, run.plan.cfg, step, {"step": step, "config": to_dict(run.plan.cfg),
-                                                            "callbacks": run.plan.callbacks.state_dict()})
+                                                            "callbacks": run.plan.callbacks.state_dict(),
+                                                            "compute": run.ledger.to_dict()})
     run.plan.callbacks("on_checkpoint", run.ctx, step=step, path=path)
     return path
 
@@ -315,6 +329,8 @@ def finish(run, last_step):
         export_dir = os.path.join(cfg.run_dir, "export")
         export_hf(run.engine.module.lm, export_dir, cfg.data, cfg.export_dtype,
                   extra_files={"distillery_config.yaml": os.path.join(cfg.run_dir, "config.yaml")}, rank=ctx.rank)
+        if ctx.rank == 0:  # what it cost to make this model: a later student's ledger amortises it
+            write_export_compute(export_dir, run.ledger)
         dist.barrier()
     final = {}
     run.plan.callbacks("on_train_end", ctx, step=last_step, export_dir=export_dir, metrics=final)

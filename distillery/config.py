@@ -36,6 +36,8 @@ class Config:
     trust_remote_code: bool = False    # only for teachers that need custom modelling code
     attn_impl: str = "auto"            # auto: flash_attention_2 when installed on GPU, else sdpa
     grad_ckpt: bool = False            # activation checkpointing of the student (paper: full recompute)
+    doc_mask: bool = True              # packed documents attend only within themselves, teacher too (the study's
+                                       # setting; distillery/packing.py); false: one causal sequence per row
     # --- loss (paper_setup.md, 'Loss')
     alpha: float = 0.2
     temperature: float = 1.0
@@ -54,6 +56,9 @@ class Config:
     micro_batch_size: int = 8          # rows per rank per forward
     global_batch_size: int = 16        # rows per optimizer step = micro_batch_size * grad_accum * world_size
     train_tokens: int = 1_000_000      # run length; steps = train_tokens // (global_batch_size * seq_len)
+    compute_match: str = ""            # alpha = 0 only: a distilled run dir (or a teacher dir) whose FLOPs (student +
+                                       # teacher forward) this baseline matches: train_tokens is set to match them
+    compute_match_pretrain: bool = False  # ... counting the teacher's own pretraining FLOPs too (docs/compute.md)
     max_steps: int = 0                 # stop after this many steps of that schedule (0: run it to the end)
     # --- optimisation (paper: AdamW 0.9/0.95, eps 1e-8, wd 0.1, clip 1.0, peak 3e-4, 5% warmup, cosine to 10%)
     lr: float = 3e-4                   # the tiny CPU presets use 1e-3..2e-3 (configs/offline)
@@ -95,10 +100,10 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # resume (or a rerun under the same name) with a different value is refused before anything is written. Every other
 # key may change and is applied for real (lr and its schedule are re-applied over the checkpoint's scheduler state);
 # the change is recorded in <run_dir>/config_history.jsonl. Every field is in exactly one of the two.
-RUN_DEFINING = ("seed", "data", "student", "student_init", "teacher", "alpha", "temperature", "divergence",
+RUN_DEFINING = ("seed", "data", "doc_mask", "student", "student_init", "teacher", "alpha", "temperature", "divergence",
                 "divergence_args", "mix", "alpha_schedule", "alpha_start", "alpha_end", "alpha_warmup_frac",
-                "alpha_decay_frac", "seq_len", "global_batch_size", "train_tokens", "weight_decay", "beta1", "beta2",
-                "eps")
+                "alpha_decay_frac", "seq_len", "global_batch_size", "train_tokens", "compute_match",
+                "compute_match_pretrain", "weight_decay", "beta1", "beta2", "eps")
 MAY_CHANGE = ("name", "out_dir", "eval_data", "eval_sets", "teacher_offload", "trust_remote_code", "attn_impl",
               "grad_ckpt", "loss_impl", "loss_chunk_size", "micro_batch_size", "max_steps", "lr", "min_lr_frac",
               "warmup_frac", "grad_clip", "log_interval", "eval_interval", "eval_window", "eval_max_windows",

@@ -370,3 +370,44 @@ def describe(config, seq_len, causal=True):
     return {**asdict(architecture(config)), **{f"params_{k}": v for k, v in param_counts(config).items()},
             "forward_flops_per_token": forward_flops_per_token(config, seq_len, causal),
             "train_flops_per_token": train_flops_per_token(config, seq_len, causal)}
+
+
+def compute_match_budget(cfg, student_config):
+    """train_tokens of an alpha = 0 baseline with cfg.compute_match set: FLOPs equal to the distilled run it names.
+
+    compute_match = a distilled run's directory (its config.yaml gives the teacher and the token budget; the student
+    and seq_len must be ours) or a teacher's model directory (distilled at this config's own train_tokens).
+    compute_match_pretrain = true also counts the teacher's pretraining (its export's distillery_compute.json).
+    Rounded to whole optimizer steps (global_batch_size x seq_len), so the baseline's total is within one step's
+    FLOPs of the distilled run's. Returns (train_tokens, teacher_dir, distilled_tokens)."""
+    import yaml
+    src = cfg.compute_match.rstrip("/")
+    if cfg.alpha != 0:
+        raise ConfigError(f"compute_match is for alpha = 0 baselines (alpha={cfg.alpha}); drop it or set alpha=0")
+    run_cfg = os.path.join(src, "config.yaml")
+    if os.path.isfile(run_cfg):
+        with open(run_cfg) as f:
+            other = yaml.safe_load(f) or {}
+        for k in ("student", "student_init", "seq_len", "global_batch_size"):
+            if other.get(k) != getattr(cfg, k):
+                raise ConfigError(f"compute_match={src} trained {k}={other.get(k)!r}, this run {getattr(cfg, k)!r}; "
+                                  f"a compute-matched baseline is the same student on the same data layout")
+        teacher, distilled_tokens = other.get("teacher"), int(other["train_tokens"])
+        if not other.get("alpha"):
+            raise ConfigError(f"compute_match={src} is itself an alpha = 0 run; name a distilled run")
+    elif os.path.isfile(os.path.join(src, "config.json")):
+        teacher, distilled_tokens = src, cfg.train_tokens
+    else:
+        raise ConfigError(f"compute_match={src!r} is neither a run directory (config.yaml) nor a model directory "
+                          f"(config.json); name the distilled run, e.g. compute_match=runs/kd-a0.4")
+    pretrain = 0
+    if cfg.compute_match_pretrain:
+        pretrain = export_pretrain_flops(teacher)
+        if pretrain is None:
+            raise ConfigError(f"compute_match_pretrain=true but teacher {teacher} has no {COMPUTE_FILE} (it was not "
+                              f"trained by this trainer); set compute_match_pretrain=false")
+    step = cfg.global_batch_size * cfg.seq_len
+    tokens = compute_matched_tokens(student_config, teacher, distilled_tokens, cfg.seq_len,
+                                    count_teacher_pretraining=cfg.compute_match_pretrain,
+                                    teacher_pretrain_flops=pretrain, multiple_of=step)
+    return tokens, teacher, distilled_tokens
