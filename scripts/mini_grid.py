@@ -1,0 +1,97 @@
+"""The study's main grid in miniature, on CPU, offline (issue 12; docs/results/mini-grid.md says why these sizes).
+
+    python scripts/mini_grid.py                  # every run not finished yet (~1 h on 2 quiet cores), then the report
+    python scripts/mini_grid.py --report-only    # just the report from what has finished
+    python scripts/mini_grid.py --dry-run        # the commands, nothing run
+
+Three teachers trained by this trainer (alpha = 0, seed 42), placed against the student's alpha = 0 baseline the way
+the study's teachers stand against its 1.7B / 50B student (Chinchilla's fit, Hoffmann et al. 2022: 0.7B/30B is
+~0.17 nats worse, 1.7B/30B ~0.06 worse, 0.7B/300B ~0.06 better): a small under-trained one, the same small model
+trained longer, and one of the student's size with fewer tokens. Then for seeds 43 and 44: the alpha = 0 baseline,
+the student distilled from each teacher at alpha 0.2 and 0.5, and for each teacher a compute-matched baseline
+(alpha = 0 with compute_match= the alpha 0.2 run: the same FLOPs, student training + teacher forward). Finished runs
+(an export/ exists) are skipped, so the command resumes. Ends with `python -m eval.report` into docs/results/mini-grid/
+and runs/mini/timing.json (wall time of the runs this invocation made).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from distillery.atomic import write_json  # noqa: E402
+from distillery.errors import cli  # noqa: E402
+from distillery.launch import free_port  # noqa: E402
+
+# name: (preset, tokens, the study's teacher it stands for)
+TEACHERS = {
+    "t-small-under": ("tiny-teacher", 260_000, "0.7B / 30B: small, under-trained (target gap +0.17 nats)"),
+    "t-small-well": ("tiny-teacher", 1_200_000, "0.7B / 300B: the same small model trained 4.6x longer"),
+    "t-large-under": ("tiny-student", 240_000, "1.7B / 30B: the student's size, 0.6x its tokens (target +0.06)"),
+}
+ALPHAS = (0.2, 0.5)
+SEEDS = (43, 44)
+OUT = "runs/mini"
+
+
+def plan():
+    """[(run name, config, overrides)] in dependency order: teachers, baselines, distilled, compute-matched."""
+    runs = [(f"mini/{t}", "configs/mini/teacher.yaml", [f"student={p}", f"train_tokens={n}"])
+            for t, (p, n, _) in TEACHERS.items()]
+    for s in SEEDS:
+        runs.append((f"mini/base-s{s}", "configs/mini/student.yaml", ["alpha=0", f"seed={s}"]))
+    for t in TEACHERS:
+        for a in ALPHAS:
+            for s in SEEDS:
+                runs.append((f"mini/{t}-a{a}-s{s}", "configs/mini/student.yaml",
+                             [f"alpha={a}", f"seed={s}", f"teacher={OUT}/{t}/export"]))
+    for t in TEACHERS:
+        for s in SEEDS:
+            runs.append((f"mini/cm-{t}-s{s}", "configs/mini/student.yaml",
+                         ["alpha=0", f"seed={s}", f"compute_match={OUT}/{t}-a{ALPHAS[0]}-s{s}"]))
+    return runs
+
+
+def finished(name):
+    return os.path.isfile(os.path.join("runs", name, "export", "config.json"))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--out", default="docs/results/mini-grid", help="where the report goes")
+    a = ap.parse_args(argv)
+    os.chdir(REPO)
+    if not os.path.isfile("data/offline/index.json") and not (a.report_only or a.dry_run):
+        subprocess.run([sys.executable, "-m", "data_prep.offline", "--out", "data/offline", "--vocab_size", "2048",
+                        "--seq_len", "128"], check=True)
+    todo = [] if a.report_only else [r for r in plan() if not finished(r[0])]
+    t0, times = time.time(), {}
+    for i, (name, config, over) in enumerate(todo):
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+               "train.py", "--ds_config", "ds_configs/cpu.json", "--config", config, *over, f"name={name}",
+               "out_dir=runs"]
+        print(f"[mini {i + 1}/{len(todo)}] {name}: {' '.join(over)}", flush=True)
+        if a.dry_run:
+            print("  " + " ".join(cmd))
+            continue
+        t = time.time()
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"error: run {name} failed; fix it and rerun the same command (finished runs are skipped)")
+        times[name] = round(time.time() - t, 1)
+    if a.dry_run:
+        return None
+    if times:
+        os.makedirs(OUT, exist_ok=True)
+        write_json(os.path.join(OUT, "timing.json"), {"seconds": round(time.time() - t0, 1), "runs": times,
+                                                      "cpus": os.cpu_count()})
+    from eval import report
+    return report.main([OUT, "--out", a.out])
+
+
+if __name__ == "__main__":
+    cli(main)
