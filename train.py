@@ -28,7 +28,7 @@ if not torch.cuda.is_available():  # say so up front instead of DeepSpeed's acce
 import torch.distributed as dist
 
 import plugins
-from distillery import checkpoint, resume, shards
+from distillery import checkpoint, resume, runlog, shards
 from distillery.config import Config, load_config, save_config, to_dict
 from distillery.engines import (batch_layout, init_student, init_teacher, load_ds_config, student_ds_config,
                                 teacher_ds_config)
@@ -207,7 +207,7 @@ def start(plan, rank, world):
     ctx = Context(cfg=cfg, engine=engine, teacher=teacher, run_dir=cfg.run_dir, writer=writer, rank=rank,
                   world=world, start_step=start_step, end_step=end_step, total_steps=plan.total_steps,
                   step=start_step)
-    plan.callbacks.bind(ctx, metrics_path=os.path.join(cfg.run_dir, "metrics.jsonl"))
+    plan.callbacks.bind(ctx, metrics_path=runlog.metrics_path(cfg.run_dir))
     reader = RankReader(cfg.data, cfg.seed, rank=rank, world=world)
     streams = {s: load_stream(cfg.eval_data or cfg.data, s) for s in cfg.eval_sets}
     return Run(plan, engine, teacher, reader, streams, ctx, preemption, ledger)
@@ -247,14 +247,14 @@ def train(run):
         counts = torch.tensor([float((targets != IGNORE_INDEX).sum()), run.preemption.requested()],
                               dtype=torch.float64, device=dev)
         dist.all_reduce(counts)
-        if counts[1].item() > 0:
+        # (One host sync per step for the count; ZeRO's step syncs for the grad norm anyway.)
+        n_global, stop = counts.tolist()
+        if stop > 0:
             preempt(run, step)
-        n_global = counts[0]
         # DeepSpeed averages gradients over ranks and micro-batches; the loss handed to it is a sum over this
         # micro-batch's tokens scaled by world * GA / N_global, so the update is the gradient of the global token
         # mean: no double normalisation, no mean-of-means (trap 3).
-        # (One host sync per step for the count; ZeRO's step syncs for the grad norm anyway.)
-        inv_n = 1.0 / n_global.item()
+        inv_n = 1.0 / n_global
         scale = ctx.world * plan.grad_accum * inv_n
         done = step + 1
         is_log = done % cfg.log_interval == 0 or done == ctx.end_step
@@ -272,7 +272,7 @@ def train(run):
                 parts = micro_step(engine, run.teacher, x, y, loss_kw, w_ce * scale, w_kd * scale, want_diag,
                                    teacher_timer, pos)
                 stats.add(parts, inv_n, w_ce, w_kd)
-        stats.end_step(n_global.item())
+        stats.end_step(n_global)
         run.ledger.add_step(tokens_per_step)
         guard.after_step(done, engine, stats)
         metrics = diag = None
