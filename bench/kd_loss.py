@@ -9,6 +9,7 @@ Variants (--variants, default all):
   fused           the fused head (closed form for forward KL), diagnostics off: the row compared with Liger
   fused_diag      the same with the five diagnostics on (their cost is this row minus fused)
   fused_autograd  the fused head with closed_form=False: autograd per chunk, the route every other divergence takes
+  fused_autograd_compiled  the same with compile=True (torch.compile'd chunk objective); not in the default set
   liger           Liger-Kernel's chunked LigerFusedLinearJSDLoss(beta=0), compiled=False
   liger_compiled  the same with compiled=True (its default: torch.compile per chunk)
 The liger rows need the optional extra `pip install liger-kernel` (never required: skipped when not importable).
@@ -53,7 +54,8 @@ GPU_CFG = dict(vocab=128256, tokens=8192, hidden=2048, dtype="bfloat16")
 # plain; time is CPU seconds on CPU (the box is shared: wall time measures the neighbours too), wall time on CUDA.
 TARGETS = {"cpu": dict(mem_vs_plain=0.20, time_vs_plain=1.20, mem_vs_liger_compiled=1.0, time_vs_liger_compiled=1.0),
            "cuda": dict(mem_vs_plain=0.25, time_vs_plain=1.00, mem_vs_liger_compiled=1.0, time_vs_liger_compiled=1.0)}
-VARIANTS = ("plain", "fused", "fused_diag", "fused_autograd", "liger", "liger_compiled")
+VARIANTS = ("plain", "fused", "fused_diag", "fused_autograd", "liger", "liger_compiled", "fused_autograd_compiled")
+DEFAULT_VARIANTS = VARIANTS[:6]                   # fused_autograd_compiled on request (a minute of compilation)
 
 
 def make_inputs(a, device):
@@ -79,7 +81,8 @@ def step_fn(variant, a, inputs):
     kw = dict(student_hidden=hs, student_weight=ws, targets=y, teacher_hidden=ht, teacher_weight=wt, kd_vocab=a.vocab,
               divergence=get("divergence", a.divergence), divergence_args={}, temperature=T,
               w_ce=(1 - a.alpha) / n, w_kd=a.alpha / (T * T * n), want_diag=variant == "fused_diag",
-              chunk_size=a.chunk_size, closed_form=variant != "fused_autograd")
+              chunk_size=a.chunk_size, closed_form=not variant.startswith("fused_autograd"),
+              compile=variant == "fused_autograd_compiled")
 
     def step():
         hs.grad = ws.grad = None
@@ -237,7 +240,7 @@ def main():
     p.add_argument("--alpha", type=float, default=0.5, help="KD share: (1 - alpha) CE + alpha KD")
     p.add_argument("--chunk-size", type=int, default=0, help="fused rows per chunk; 0 = auto")
     p.add_argument("--liger-chunk", type=int, default=1024, help="Liger's chunk_size (its default 1024)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help="comma-separated subset of " + ", ".join(VARIANTS) + " (liger* skipped when not installed)")
     p.add_argument("--chunk-sweep", default="", help="e.g. 256,512,1024,2048: time and peak of the fused variant "
                    "(--variants' first fused* one, default fused) at each chunk size instead of the comparison")
@@ -312,6 +315,9 @@ def main():
         if "fused_autograd" in names:
             ratios.update(autograd_time_vs_fused=tm["fused_autograd"] / tm["fused"],
                           autograd_mem_vs_fused=peaks["fused_autograd"] / peaks["fused"])
+        if "fused_autograd_compiled" in names:
+            ratios.update(autograd_compiled_time_vs_fused=tm["fused_autograd_compiled"] / tm["fused"],
+                          autograd_compiled_mem_vs_fused=peaks["fused_autograd_compiled"] / peaks["fused"])
     tgt = TARGETS[device.type]
     meets = {}
     if "fused" in names:

@@ -164,16 +164,72 @@ def _autograd_chunk(z, t, q, y, sp, need_grad):
                 diag = _diag_T1(z[:, :sp.kd_vocab], t, y)
             t_logp = _log_softmax_into(t.div_(T) if T != 1.0 else t, q)       # [C, v], plain's log_softmax(t / T)
     dl = None
-    s_logits = z.detach().requires_grad_(need_grad)                             # leaf on the workspace, no copy
-    with torch.set_grad_enabled(need_grad):
-        ce, kd, s_logp_T = _chunk_objective(s_logits, t_logp, y, sp)
-        if need_grad:
-            total = sp.w_ce * ce + (sp.w_kd * kd if kd is not None else 0.0)
-            (dl,) = torch.autograd.grad(total, s_logits)                        # frees this chunk's graph
+    out = _compiled_chunk(z, t_logp, y, sp) if (need_grad and sp.compile) else None
+    if out is not None:
+        ce, kd, s_logp_T, dl = out
+    else:
+        s_logits = z.detach().requires_grad_(need_grad)                         # leaf on the workspace, no copy
+        with torch.set_grad_enabled(need_grad):
+            ce, kd, s_logp_T = _chunk_objective(s_logits, t_logp, y, sp)
+            if need_grad:
+                total = sp.w_ce * ce + (sp.w_kd * kd if kd is not None else 0.0)
+                (dl,) = torch.autograd.grad(total, s_logits)                    # frees this chunk's graph
     if sp.want_diag and t is not None and T == 1.0:
         d = diagnostics(s_logp_T.detach(), t_logp, y)
         diag = torch.stack([d[k] for k in DIAG_KEYS])
     return ce.detach(), (kd.detach() if kd is not None else None), diag, dl, 1.0
+
+
+# torch.compile'd objective + gradient of the autograd route, one per (divergence, options, T, shared vocab, teacher):
+# inductor fuses the divergence's elementwise chain and its backward into a few loops instead of ~30 separate
+# [C, V] passes. Costs a compilation on first use of each key (tens of seconds on CPU; the last, shorter chunk adds
+# one dynamic-shape recompile) and is off by default. A key whose compilation fails maps to None: eager from then on.
+_COMPILED = {}
+
+
+def _compiled_chunk(z, t_logp, y, sp):
+    """(ce, kd or None, s_logp_T, dL/dz) from the compiled objective, or None when compile is unavailable."""
+    try:
+        key = (sp.divergence, tuple(sorted(sp.divergence_args.items())), sp.temperature, sp.kd_vocab,
+               t_logp is not None)
+        hash(key)
+    except TypeError:                                                           # unhashable option: stay eager
+        return None
+    if key not in _COMPILED:
+        static = _Spec(divergence=sp.divergence, divergence_args=dict(sp.divergence_args),
+                       temperature=sp.temperature, kd_vocab=sp.kd_vocab)
+
+        def objective_and_grad(s_logits, t_logp, y, w):                        # w [2]: weights as data, no recompile
+            def total(zz):
+                ce, kd, s_logp = _chunk_objective(zz, t_logp, y, static)
+                if kd is None:
+                    return w[0] * ce, (ce, ce, ce)
+                return w[0] * ce + w[1] * kd, (ce, kd, s_logp)
+            dl, (_, aux) = torch.func.grad_and_value(total, has_aux=True)(s_logits)
+            return aux, dl
+        try:
+            _COMPILED[key] = torch.compile(objective_and_grad)
+        except Exception as e:                                                  # noqa: BLE001 (no compiler, ...)
+            _compile_failed(key, e)
+    fn = _COMPILED[key]
+    if fn is None:
+        return None
+    w = torch.tensor([sp.w_ce, sp.w_kd], dtype=torch.float32, device=z.device)
+    try:
+        (ce, kd, s_logp), dl = fn(z, t_logp, y, w)
+    except Exception as e:                                                      # noqa: BLE001
+        _compile_failed(key, e)
+        return None                                                             # eager re-raises real errors
+    if t_logp is None:
+        return ce.detach(), None, None, dl
+    return ce.detach(), kd.detach(), s_logp.detach(), dl
+
+
+def _compile_failed(key, e):
+    import warnings
+    warnings.warn(f"fused KD head: torch.compile of the chunk objective failed ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); running it eagerly", RuntimeWarning)
+    _COMPILED[key] = None
 
 
 def _forward_kl_chunk(z, t, q, y, sp, need_grad):
@@ -356,11 +412,13 @@ def _pick_chunk_fn(has_teacher, divergence, divergence_args, closed_form):
 
 def fused_loss(*, student_hidden, student_weight, targets, teacher_hidden=None, teacher_weight=None, kd_vocab=None,
                divergence=None, divergence_args=None, temperature=1.0, w_ce=1.0, w_kd=0.0, want_diag=False,
-               ignore_index=IGNORE_INDEX, chunk_size=0, closed_form=True, **_):
+               ignore_index=IGNORE_INDEX, chunk_size=0, closed_form=True, compile=False, **_):
     """Chunked path; arguments as plain_loss, plus
     chunk_size   rows per chunk; 0 = auto_chunk_rows(vocab);
     closed_form  True: CE and divergences that declare a closed form (forward_kl) get their values and dL/dlogits
-                 from formulas (fewer passes and buffers); False: autograd on every chunk (the reference route)."""
+                 from formulas (fewer passes and buffers); False: autograd on every chunk (the reference route);
+    compile      True: torch.compile the autograd route's per-chunk objective + gradient (not the closed form, which
+                 is already a handful of fused kernels); falls back to eager, with one warning, when compiling fails."""
     mask = targets.reshape(-1) != ignore_index
     y = targets.reshape(-1)[mask]                                               # [N]
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])[mask]            # [N, Hs], small next to [N, V]
@@ -378,7 +436,8 @@ def fused_loss(*, student_hidden, student_weight, targets, teacher_hidden=None, 
     sp = _Spec(chunk=max(1, chunk), kd_vocab=v, temperature=float(temperature), w_ce=float(w_ce), w_kd=float(w_kd),
                divergence=divergence, divergence_args=divergence_args, want_diag=bool(want_diag),
                s_dtype=_compute_dtype(hs), t_dtype=_compute_dtype(ht) if has_teacher else None,
-               chunk_fn=_pick_chunk_fn(has_teacher, divergence, divergence_args, closed_form))
+               chunk_fn=_pick_chunk_fn(has_teacher, divergence, divergence_args, closed_form),
+               compile=bool(compile))
     if torch.is_grad_enabled() and (hs.requires_grad or student_weight.requires_grad):
         loss, stats = _FusedKDHead.apply(hs, student_weight, ht, wt, y, sp)
     else:
