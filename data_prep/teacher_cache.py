@@ -1,0 +1,353 @@
+"""Run a teacher once over the training rows and store sparse targets (issue 13; format: distillery/teacher_cache.py).
+
+    python -m data_prep.teacher_cache --teacher runs/teacher/export --data data/offline --out data/offline-tc \
+        --k 64 --method topk                                   # CPU, a world of one
+    deepspeed --num_gpus 8 -m data_prep.teacher_cache --ds_config ds_configs/zero3.json --teacher <dir> \
+        --data data/fineweb-edu --out data/fineweb-edu-tc-8b --k 64 --method sampled --seed 0
+
+The teacher is the trainer's: a ZeRO-3 inference engine (distillery.engines.TeacherHidden / init_teacher /
+teacher_ds_config), document-masked positions when the data has an EOS (distillery/packing.py, as training does by
+default), and its output layer applied chunk by chunk to the last hidden states (gathered like the trainer's KD head),
+so no [rows, S, V] tensor exists. Per position: top-k of log p_t^T plus the log of the remaining mass, or K ids drawn
+from p_t^T with their weights (count / K) plus the teacher's entropy.
+
+Work split: the cache is cut into shards of --rows_per_shard training rows (global row order); shards still to do are
+split into contiguous ranges, one per rank; every rank runs its shards' fixed batches (--batch_size rows of one
+shard) and all ranks run the same number of forwards (ZeRO-3 gathers parameters collectively; a rank out of work
+runs a dummy one). A batch's rows, their positions and their sampling (a generator seeded by (seed, row index)) do
+not depend on the world size, so the bytes do not either.
+
+Resume: a shard is written to a temporary name and renamed, then its record (rows, bytes, sha256) is written to
+progress/; a rerun with the same arguments checks every finished shard's size and checksum (each rank a share), redoes
+any that fail, and computes only the rest. index.json is written last: no index, no cache.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from distillery import atomic, shards
+from distillery import teacher_cache as tc
+from distillery.errors import ConfigError, DataError, cli
+
+PROGRESS = "progress"
+
+
+def auto_rows_per_shard(seq_len, k):
+    """~1 GiB shards: few files at 50B tokens, little lost to a kill."""
+    return max(1, (2 ** 30) // (seq_len * tc.bytes_per_token(k)))
+
+
+def auto_chunk(vocab):
+    """Positions per teacher-logits chunk: ~2^24 logits (64 MiB fp32 per [C, V] buffer; the float64 CDF of
+    sampling doubles it)."""
+    return max(16, 2 ** 24 // max(1, vocab))
+
+
+def fingerprint(a, data_id, teacher_id, kd_vocab, eos_id, rows_per_shard, chunk, bf16):
+    """Everything the bytes depend on; a rerun with another value is refused (delete --out or use another)."""
+    return {"teacher": teacher_id, "data": data_id, "k": a.k, "method": a.method, "temperature": a.temperature,
+            "seed": a.seed, "doc_mask": a.doc_mask, "eos_id": eos_id if a.doc_mask else None, "kd_vocab": kd_vocab,
+            "rows_per_shard": rows_per_shard, "batch_size": a.batch_size, "chunk": chunk, "bf16": bf16}
+
+
+def _check_args(a):
+    if a.method not in tc.METHODS:
+        raise ConfigError(f"--method {a.method!r} unknown; use topk or sampled")
+    if a.k < 1:
+        raise ConfigError(f"--k {a.k} must be >= 1")
+    if not a.temperature > 0:
+        raise ConfigError(f"--temperature {a.temperature} must be > 0")
+    if a.batch_size < 1:
+        raise ConfigError(f"--batch_size {a.batch_size} must be >= 1")
+
+
+class ShardWriter:
+    """One shard's file, written row record by row record under a temporary name (sha256 on the fly), renamed when
+    complete, then committed by its record in progress/."""
+
+    def __init__(self, out, j, first_row, rows, dtype):
+        self.out, self.j, self.first_row, self.rows, self.dtype = out, j, first_row, rows, dtype
+        self.rel = tc.shard_path(j)
+        self.path = os.path.join(out, self.rel)
+        self.tmp = atomic.tmp_name(self.path)
+        self.f = open(self.tmp, "wb")
+        self.h = hashlib.sha256()
+        self.written = 0
+
+    def write(self, rec):
+        b = rec.tobytes()
+        self.f.write(b)
+        self.h.update(b)
+        self.written += len(rec)
+
+    def close(self):
+        assert self.written == self.rows, (self.written, self.rows)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        entry = {"path": self.rel, "first_row": self.first_row, "rows": self.rows,
+                 "bytes": self.rows * self.dtype.itemsize, "sha256": self.h.hexdigest()}
+        atomic.write_json(os.path.join(self.out, PROGRESS, f"{self.j:05d}.json"), entry)
+        return entry
+
+    def abort(self):
+        self.f.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def _finished(out, j, n_rows, dtype):
+    """The committed record of shard j if its file is there with the right size, else None."""
+    meta = os.path.join(out, PROGRESS, f"{j:05d}.json")
+    if not os.path.isfile(meta):
+        return None
+    with open(meta) as f:
+        e = json.load(f)
+    path = os.path.join(out, e["path"])
+    if e.get("rows") != n_rows or not os.path.isfile(path) or os.path.getsize(path) != n_rows * dtype.itemsize:
+        return None
+    return e
+
+
+def encode_batch(h, w, rows, a, chunk, v, seq_len):
+    """h [b, S, H] teacher hidden states, w [>=v, H] its output weight -> record array [b] (numpy). Logits chunk by
+    chunk over the flattened positions; the sampling uniforms come per row from (seed, row index)."""
+    import torch
+    b = h.shape[0]
+    hf = h.reshape(b * seq_len, -1)
+    wv = w[:v]
+    u = torch.cat([tc.row_uniforms(a.seed, r, seq_len, a.k) for r in rows]) if a.method == "sampled" else None
+    ids = torch.empty(b * seq_len, a.k, dtype=torch.int32)
+    vals = torch.empty(b * seq_len, a.k, dtype=torch.float32)
+    rest = torch.empty(b * seq_len, dtype=torch.float32)
+    for s in range(0, b * seq_len, chunk):
+        e = min(b * seq_len, s + chunk)
+        logits = (hf[s:e] @ wv.to(hf.dtype).t()).float()
+        logp = torch.log_softmax(logits / a.temperature if a.temperature != 1.0 else logits, -1)
+        if a.method == "topk":
+            i, x, r = tc.encode_topk(logp, a.k)
+        else:
+            i, x, r = tc.encode_sampled(logp, u[s:e])
+        ids[s:e], vals[s:e], rest[s:e] = i.cpu(), x.cpu(), r.cpu()
+    rec = np.empty(b, dtype=tc.record_dtype(seq_len, a.k))
+    rec["ids"] = ids.reshape(b, seq_len, a.k).numpy()
+    rec["vals"] = vals.reshape(b, seq_len, a.k).numpy()
+    rec["rest"] = rest.reshape(b, seq_len).numpy()
+    return rec
+
+
+def run(a):
+    """Build (or resume, or confirm) the cache described by the parsed arguments `a`. Returns the index."""
+    t_start = time.time()
+    _check_args(a)
+    index = shards.read_index(a.data)
+    data_id = tc.data_identity(a.data, index)
+    S, R = data_id["seq_len"], data_id["rows"]
+    from distillery.models import check_model_dir
+    kd_vocab = check_model_dir(a.teacher, index, who="teacher")
+    if a.k > kd_vocab:
+        raise ConfigError(f"--k {a.k} exceeds the shared vocab {kd_vocab}; use --k <= {kd_vocab} (--k {kd_vocab} "
+                          f"with topk stores the whole distribution)")
+    eos_id = index.get("eos_id")
+    if a.doc_mask and eos_id is None:
+        raise DataError(f"document masking needs the data's EOS id and {a.data}/index.json has none; rebuild the "
+                        f"data with data_prep, or pass --no_doc_mask (and train with doc_mask=false)")
+    teacher_id = tc.teacher_identity(a.teacher)
+    rows_per_shard = a.rows_per_shard or auto_rows_per_shard(S, a.k)
+    chunk = a.chunk_size or auto_chunk(kd_vocab)
+    from distillery.engines import load_ds_config
+    ds_base = load_ds_config(a.ds_config)
+    bf16 = bool((ds_base.get("bf16") or ds_base.get("bfloat16") or {}).get("enabled"))
+    fp = fingerprint(a, data_id, teacher_id, kd_vocab, eos_id, rows_per_shard, chunk, bf16)
+    say = (lambda *x: print(*x, file=sys.stderr, flush=True)) if not a.quiet else (lambda *x: None)
+
+    index_path = os.path.join(a.out, "index.json")
+    if os.path.isfile(index_path):
+        have = tc.read_cache_index(a.out)
+        if have.get("build") != fp:
+            raise DataError(f"{a.out} already holds a teacher cache built with other arguments; delete it or pick "
+                            f"another --out")
+        say(f"{a.out} already built; nothing to do (delete it to rebuild)")
+        return have
+    claim = os.path.join(a.out, PROGRESS, "build.json")
+    if os.path.isfile(claim):
+        with open(claim) as f:
+            if json.load(f) != fp:
+                raise DataError(f"{a.out} holds a partial teacher cache with other arguments; rerun with the same "
+                                f"arguments or delete {a.out}")
+
+    import torch
+    import torch.distributed as dist
+    from distillery.launch import init_distributed
+    rank, world = init_distributed()
+    dtype = tc.record_dtype(S, a.k)
+    n_shards = -(-R // rows_per_shard)
+    bounds = [(j * rows_per_shard, min(R, (j + 1) * rows_per_shard)) for j in range(n_shards)]
+    if rank == 0:
+        os.makedirs(os.path.join(a.out, tc.SHARD_DIR), exist_ok=True)
+        os.makedirs(os.path.join(a.out, PROGRESS), exist_ok=True)
+        for d in (tc.SHARD_DIR, PROGRESS):  # temporary files of a killed run: never a final name, rewritten
+            for fn in os.listdir(os.path.join(a.out, d)):
+                if ".tmp-" in fn:
+                    os.remove(os.path.join(a.out, d, fn))
+        if not os.path.isfile(claim):
+            atomic.write_json(claim, fp)
+    dist.barrier()
+
+    # finished shards: size from the record, checksum re-read (each rank a share); a bad one is redone
+    done = {j: e for j in range(n_shards) if (e := _finished(a.out, j, bounds[j][1] - bounds[j][0], dtype))}
+    mine = sorted(done)[rank::world]
+    bad = [j for j in mine if shards.sha256_file(os.path.join(a.out, done[j]["path"])) != done[j]["sha256"]]
+    every = [None] * world
+    dist.all_gather_object(every, bad)
+    bad = sorted(j for b in every for j in b)
+    for j in bad:
+        say(f"note: shard {tc.shard_path(j)} fails its checksum; recomputing it")
+        done.pop(j)
+    dist.barrier()
+    if rank == 0:
+        for j in bad:
+            os.remove(os.path.join(a.out, PROGRESS, f"{j:05d}.json"))
+    todo = [j for j in range(n_shards) if j not in done]
+    lo, hi = len(todo) * rank // world, len(todo) * (rank + 1) // world
+    my_shards = todo[lo:hi]
+    batches = [(j, r, min(bounds[j][1], r + a.batch_size)) for j in my_shards
+               for r in range(bounds[j][0], bounds[j][1], a.batch_size)]
+    steps = torch.tensor([len(batches)], dtype=torch.int64)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    n_steps = int(steps.item())
+    todo_rows = sum(bounds[j][1] - bounds[j][0] for j in todo)
+    if todo and done:
+        say(f"resuming {a.out}: {len(done)} of {n_shards} shards done and verified, {len(todo)} to go")
+
+    # the teacher, exactly as the trainer builds it
+    from distillery.config import Config
+    from distillery.engines import init_teacher, teacher_ds_config
+    from distillery.models import attn_implementation, load_pretrained, zero3_context
+    from distillery.packing import doc_positions
+    import deepspeed
+    cfg = Config(micro_batch_size=a.batch_size, teacher_offload=a.teacher_offload,
+                 trust_remote_code=a.trust_remote_code)
+    cfg.attn_impl = attn_implementation(cfg.attn_impl, a.doc_mask)
+    ds_teacher = teacher_ds_config(ds_base, cfg)
+    with zero3_context(ds_teacher):
+        lm = load_pretrained(a.teacher, cfg, dtype=torch.bfloat16 if bf16 else torch.float32)
+    engine = init_teacher(lm, ds_teacher)
+    dev = engine.device
+    rows_src = shards.TokenRows(a.data)
+    w_head = engine.module.head_weight
+
+    writer, written, t0, last = None, 0, time.time(), 0.0
+    local_rows = torch.zeros(1, dtype=torch.int64)
+    try:
+        for step in range(n_steps):
+            job = batches[step] if step < len(batches) else None
+            if job is not None:
+                j, r0, r1 = job
+                x = torch.from_numpy(rows_src.take(np.arange(r0, r1))).to(dev)
+            else:  # out of work: a forward all the same, ZeRO-3 gathers parameters collectively
+                x = torch.zeros(1, S, dtype=torch.long, device=dev)
+            pos = doc_positions(x, eos_id) if a.doc_mask else None
+            with torch.no_grad():
+                h = engine(x, position_ids=pos)
+                with deepspeed.zero.GatheredParameters([w_head], modifier_rank=None):
+                    rec = encode_batch(h, w_head, range(r0, r1), a, chunk, kd_vocab, S) if job else None
+            if job is not None:
+                if writer is None:
+                    writer = ShardWriter(a.out, j, bounds[j][0], bounds[j][1] - bounds[j][0], dtype)
+                writer.write(rec)
+                local_rows += r1 - r0
+                if r1 == bounds[j][1]:
+                    writer.close()
+                    writer = None
+                    written += 1
+                    if a.stop_after_shards and written >= a.stop_after_shards:
+                        raise KeyboardInterrupt("simulated kill (--stop_after_shards)")
+            tot = local_rows.clone()
+            dist.all_reduce(tot)  # one integer per step: the global progress (a forward costs far more)
+            now = time.time()
+            if rank == 0 and (now - last >= a.progress_every or step == n_steps - 1):
+                last = now
+                tok = int(tot.item()) * S
+                rate = tok / max(now - t0, 1e-9)
+                left = (todo_rows * S - tok) / rate if rate > 0 else float("inf")
+                say(f"[teacher_cache] {tok:,}/{todo_rows * S:,} tokens  {rate:,.0f} tok/s  ETA {left:,.0f}s  "
+                    f"{tc.bytes_per_token(a.k)} bytes/token")
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    dist.barrier()
+
+    index = None
+    if rank == 0:
+        files = []
+        for j in range(n_shards):
+            e = _finished(a.out, j, bounds[j][1] - bounds[j][0], dtype)
+            if e is None:
+                raise DataError(f"shard {tc.shard_path(j)} of {a.out} is missing after the build (another process "
+                                f"removed it?); rerun the same command")
+            files.append(e)
+        nbytes = sum(e["bytes"] for e in files)
+        index = {"format": tc.FORMAT, "version": tc.VERSION, "method": a.method, "k": a.k,
+                 "temperature": a.temperature, "seed": a.seed, "doc_mask": a.doc_mask,
+                 "eos_id": eos_id if a.doc_mask else None, "kd_vocab": kd_vocab, "seq_len": S, "rows": R,
+                 "rows_per_shard": rows_per_shard, "teacher": teacher_id, "data": data_id,
+                 "record": {"ids": f"int32 [{S}, {a.k}]", "vals": f"float32 [{S}, {a.k}]", "rest": f"float32 [{S}]",
+                            "vals_meaning": ("log p_t^T(id), descending" if a.method == "topk" else
+                                             "weight count/K of id (distinct ids first)"),
+                            "rest_meaning": ("log teacher mass outside the ids (-inf: none)" if a.method == "topk"
+                                             else "teacher entropy H(p_t^T), nats")},
+                 "bytes_per_token": tc.bytes_per_token(a.k), "build": fp, "files": files, "tokens": R * S,
+                 "bytes": nbytes}
+        atomic.write_json(index_path, index)
+        for fn in os.listdir(os.path.join(a.out, PROGRESS)):
+            os.remove(os.path.join(a.out, PROGRESS, fn))
+        os.rmdir(os.path.join(a.out, PROGRESS))
+        dt = time.time() - t_start
+        say(f"built {a.out} in {dt:.1f}s: {R:,} rows x {S} tokens, {a.method} k={a.k} T={a.temperature:g}, "
+            f"{nbytes:,} bytes = {tc.bytes_per_token(a.k)} bytes/token")
+    dist.barrier()
+    return index if index is not None else tc.read_cache_index(a.out)
+
+
+def parse_args(argv=None):
+    import torch
+    gpu = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", required=True, help="Hugging Face-format teacher directory")
+    ap.add_argument("--data", required=True, help="data set (data_prep output); its 'train' rows are cached")
+    ap.add_argument("--out", required=True, help="cache directory")
+    ap.add_argument("--k", type=int, required=True, help="entries per position")
+    ap.add_argument("--method", required=True, choices=tc.METHODS)
+    ap.add_argument("--temperature", type=float, default=1.0, help="the run's temperature (default 1)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (sampled)")
+    ap.add_argument("--no_doc_mask", dest="doc_mask", action="store_false",
+                    help="teacher sees each row as one causal sequence (for runs with doc_mask=false)")
+    ap.add_argument("--batch_size", type=int, default=8, help="rows per teacher forward (part of the "
+                                                                "determinism: keep it on a rerun)")
+    ap.add_argument("--rows_per_shard", type=int, default=0, help="rows per cache shard (0: ~1 GiB)")
+    ap.add_argument("--chunk_size", type=int, default=0, help="positions per logits chunk (0: ~2^24 logits)")
+    ap.add_argument("--ds_config", default="ds_configs/zero3.json" if gpu else "ds_configs/cpu.json")
+    ap.add_argument("--teacher_offload", action="store_true", help="ZeRO-3 offload of the teacher to CPU")
+    ap.add_argument("--trust_remote_code", action="store_true")
+    ap.add_argument("--progress_every", type=float, default=10.0, help="seconds between progress lines")
+    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--stop_after_shards", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated kill
+    ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)      # set by the launcher
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    cli(main)

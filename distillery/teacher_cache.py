@@ -1,0 +1,275 @@
+"""Offline teacher cache (issue 13): the on-disk format, the encoders that turn teacher log-probs into sparse targets,
+and the reader the trainer uses instead of a live teacher. Generator: data_prep/teacher_cache.py. Loss on the sparse
+targets: distillery/sparse_kd.py. Storage and compute: docs/teacher_cache.md.
+
+A cache directory looks like
+    <cache>/index.json              what is here (below); written last, atomically: no index, no cache
+    <cache>/shards/00000.bin        rows [first_row, first_row + rows) of the training split, one record per row
+
+Record of a row (seq_len S, K entries per position, little-endian, no padding), numpy dtype `record_dtype(S, K)`:
+    ids   int32   [S, K]   token ids (< kd_vocab)
+    vals  float32 [S, K]   topk: log p_t^T(id), sorted descending;  sampled: weight of id (count / K)
+    rest  float32 [S]      topk: log of the teacher's mass outside the K ids (-inf when K = kd_vocab);
+                           sampled: the teacher's entropy H(p_t^T) in nats (exact, so kd_sum can report a KL)
+Position t of a row holds the teacher's distribution at temperature T for predicting token t + 1 (the target at t,
+distillery.loss_parts.shift_targets); the last position (no target) is stored too, so rows stay aligned with the
+training rows position for position. Bytes per token: 8 K + 4.
+
+Sampled: K ids drawn i.i.d. with replacement from p_t^T (inverse CDF on float64 uniforms from a numpy PCG64 stream
+seeded by (seed, global row index), so a row's draws do not depend on the world size, batch or chunking). The
+distinct ids are stored first, ascending, with weight count / K; the unused slots repeat the first id with weight 0.
+sum_k w_k f(id_k) is then an unbiased estimate of E_{p_t^T}[f] for any f (Anshumann et al., ACL 2025, 'Random
+Sampling KD' with the teacher as its own proposal, so every importance weight is 1 / K).
+
+Value precision: float32 values cost 4 bytes; bf16 log-probs would carry a relative error 2^-9 (0.02 nats at
+log p = -10, i.e. a 2 % error on that probability) and fp16 2^-11 (0.5 %); sampled weights count / K are exact in
+bf16 for K <= 256 (and ids need int32 above 65536 tokens). We keep float32: the loss then sees the teacher's
+distribution to fp32 rounding, which is what makes K = vocab equal online KD.
+
+index.json:
+    {"format": "distillery.teacher_cache", "version": 1, "method": "topk" | "sampled", "k": K, "temperature": T,
+     "seed": s, "doc_mask": bool, "eos_id": id, "kd_vocab": v, "seq_len": S, "rows": R, "rows_per_shard": N,
+     "teacher": {"path", "config_sha256", "model_type", "vocab_size"},
+     "data": {"dir", "tokenizer", "vocab_hash", "split": "train", "seq_len", "rows", "shards_digest"},
+     "record": {...}, "bytes_per_token": 8K + 4, "build": {...generator settings...},
+     "files": [{"path": "shards/00000.bin", "first_row", "rows", "bytes", "sha256"}], "tokens", "bytes"}
+`shards_digest` is the sha256 of the training split's file list (paths, token counts, sha256s): another data set, a
+rebuilt one, or the same rows cut differently all change it.
+"""
+import hashlib
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+from distillery import shards
+from distillery.errors import ConfigError, DataError
+
+FORMAT, VERSION = "distillery.teacher_cache", 1
+METHODS = ("topk", "sampled")
+SHARD_DIR = "shards"
+
+
+# ---------------------------------------------------------------------------- format
+def record_dtype(seq_len, k):
+    """numpy dtype of one row's record."""
+    return np.dtype([("ids", "<i4", (seq_len, k)), ("vals", "<f4", (seq_len, k)), ("rest", "<f4", (seq_len,))])
+
+
+def bytes_per_token(k):
+    return 8 * int(k) + 4
+
+
+def shard_path(j):
+    return f"{SHARD_DIR}/{j:05d}.bin"
+
+
+def data_identity(data_dir, index=None):
+    """What ties a cache to its training rows: tokenizer hash, row layout and a digest of the train shards' checksums."""
+    index = index or shards.read_index(data_dir)
+    split = index["splits"].get("train")
+    if split is None or split.get("kind") != "rows":
+        raise DataError(f"data set {data_dir!r} has no 'train' rows split; rebuild it with data_prep")
+    files = [[e["path"], int(e["tokens"]), e["sha256"]] for e in split["files"]]
+    digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()
+    return {"dir": os.path.abspath(data_dir), "tokenizer": index["tokenizer"].get("name"),
+            "vocab_hash": index["tokenizer"]["vocab_hash"], "split": "train", "seq_len": int(split["seq_len"]),
+            "rows": int(split["tokens"]) // int(split["seq_len"]), "shards_digest": digest}
+
+
+def teacher_identity(teacher_dir):
+    """Path and a hash of config.json (canonical JSON), the teacher's architecture identity."""
+    fn = os.path.join(teacher_dir, "config.json")
+    try:
+        with open(fn) as f:
+            conf = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"teacher {fn} cannot be read ({type(e).__name__}); give a Hugging Face-format "
+                        f"directory") from None
+    blob = json.dumps(conf, sort_keys=True).encode()
+    return {"path": os.path.abspath(teacher_dir), "config_sha256": hashlib.sha256(blob).hexdigest(),
+            "model_type": conf.get("model_type"), "vocab_size": conf.get("vocab_size")}
+
+
+# ---------------------------------------------------------------------------- encoders (generator and tests)
+def encode_topk(logp, k):
+    """logp [C, V] fp32 log-probs at temperature T -> (ids int32 [C, k], vals fp32 [C, k] descending, rest fp32 [C]):
+    rest = log of the mass outside the k ids, a logsumexp over the others (exact even when the top k hold ~all of
+    it), -inf when k = V."""
+    vals, ids = logp.topk(k, dim=-1)
+    if k < logp.shape[-1]:
+        rest = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    else:
+        rest = torch.full(logp.shape[:1], float("-inf"), dtype=logp.dtype, device=logp.device)
+    return ids.int(), vals.float(), rest.float()
+
+
+def row_uniforms(seed, row, seq_len, k):
+    """float64 [seq_len, k] uniforms in [0, 1) of one global row: numpy PCG64 seeded by (seed, row), so the draws of
+    a row are the same whatever the world size, batch or chunking."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(row)])))
+    return torch.from_numpy(rng.random((seq_len, k)))
+
+
+def encode_sampled(logp, u):
+    """logp [C, V] log-probs at T, u [C, K] float64 uniforms -> (ids int32 [C, K], weights fp32 [C, K], entropy fp32
+    [C]). K i.i.d. draws from p = exp(logp) by inverse CDF (float64 cumsum, the uniforms scaled by its total so the
+    draw is from p exactly as normalised here); distinct ids first, ascending, weight count / K; unused slots repeat
+    the first id with weight 0. E[sum_k w_k f(id_k)] = E_p[f]."""
+    p = logp.float().exp()
+    cdf = p.double().cumsum(-1)                                                      # [C, V] float64
+    u = u.to(cdf.device, torch.float64) * cdf[:, -1:]
+    # right=True: a uniform never lands on a token whose cdf step is empty (zero probability)
+    draws = torch.searchsorted(cdf, u, right=True).clamp_(max=logp.shape[-1] - 1)   # [C, K]
+    s, _ = draws.sort(-1)
+    first = torch.ones_like(s, dtype=torch.bool)
+    first[:, 1:] = s[:, 1:] != s[:, :-1]
+    slot = first.long().cumsum(-1) - 1                                               # distinct-id rank of each draw
+    K = s.shape[-1]
+    counts = torch.zeros(s.shape, dtype=torch.float64, device=s.device).scatter_add_(
+        -1, slot, torch.ones(s.shape, dtype=torch.float64, device=s.device))
+    # every draw writes its id into its slot (draws sharing a slot write the same id); unused slots keep the first id
+    ids = s[:, :1].expand_as(s).clone().scatter_(-1, slot, s)
+    w = (counts / K).float()
+    entropy = -(p * logp.float()).nan_to_num(0.0).sum(-1)
+    return ids.int(), w, entropy.float()
+
+
+# ---------------------------------------------------------------------------- reader
+def read_cache_index(cache_dir):
+    path = os.path.join(cache_dir, "index.json")
+    if not os.path.isfile(path):
+        hint = (" (a build is in progress or was killed: rerun the same data_prep.teacher_cache command)"
+                if os.path.isdir(os.path.join(cache_dir, "progress")) else "")
+        raise DataError(f"no teacher cache at {cache_dir!r} (missing index.json){hint}; build it with "
+                        f"`python -m data_prep.teacher_cache --teacher <dir> --data <dir> --out {cache_dir} ...`")
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"corrupt {path}: {e}; rebuild the cache with data_prep.teacher_cache") from None
+    if index.get("format") != FORMAT or index.get("version") != VERSION:
+        raise DataError(f"{path} is not a {FORMAT} v{VERSION} index (got {index.get('format')} "
+                        f"v{index.get('version')}); rebuild it with this version of data_prep.teacher_cache")
+    return index
+
+
+class CacheReader:
+    """Random access to a teacher cache, aligned with distillery.shards.TokenRows rows (same global row indices, as
+    distillery.sampler.GlobalOrder returns them).
+
+        reader = CacheReader(cfg.teacher_cache)
+        reader.check(cfg.data, cfg.temperature, cfg.doc_mask)                 # one-line DataError / ConfigError
+        ids, vals, rest = reader.take(row_indices)                            # [n, S, K] int64, [n, S, K], [n, S]
+    """
+
+    def __init__(self, cache_dir, verify=False):
+        self.dir = cache_dir
+        self.index = ix = read_cache_index(cache_dir)
+        self.method, self.k, self.temperature = ix["method"], int(ix["k"]), float(ix["temperature"])
+        self.seq_len, self.kd_vocab, self.doc_mask = int(ix["seq_len"]), int(ix["kd_vocab"]), bool(ix["doc_mask"])
+        self.dtype = record_dtype(self.seq_len, self.k)
+        self.maps, starts = [], [0]
+        for e in ix["files"]:
+            path = os.path.join(cache_dir, e["path"])
+            if not os.path.isfile(path):
+                raise DataError(f"teacher cache shard {path} is missing; rerun data_prep.teacher_cache with the same "
+                                f"arguments to rebuild it")
+            want = int(e["rows"]) * self.dtype.itemsize
+            if os.path.getsize(path) != want:
+                raise DataError(f"teacher cache shard {path} has {os.path.getsize(path)} bytes, index says {want} "
+                                f"(truncated or replaced); delete it and rerun data_prep.teacher_cache")
+            if verify and shards.sha256_file(path) != e["sha256"]:
+                raise DataError(f"teacher cache shard {path} fails its checksum (corrupt); delete it and rerun "
+                                f"data_prep.teacher_cache")
+            if int(e["first_row"]) != starts[-1]:
+                raise DataError(f"teacher cache {cache_dir}: shard {e['path']} starts at row {e['first_row']}, "
+                                f"expected {starts[-1]}; rebuild the cache")
+            self.maps.append(np.memmap(path, dtype=self.dtype, mode="r"))
+            starts.append(starts[-1] + int(e["rows"]))
+        self.starts = np.asarray(starts, dtype=np.int64)
+        if self.starts[-1] != int(ix["rows"]):
+            raise DataError(f"teacher cache {cache_dir} holds {self.starts[-1]} rows, index says {ix['rows']}; "
+                            f"rebuild the cache")
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def verify(self):
+        """sha256 of every shard against the index (a full read)."""
+        for e in self.index["files"]:
+            if shards.sha256_file(os.path.join(self.dir, e["path"])) != e["sha256"]:
+                raise DataError(f"teacher cache shard {os.path.join(self.dir, e['path'])} fails its checksum "
+                                f"(corrupt); delete it and rerun data_prep.teacher_cache")
+
+    def check(self, data_dir, temperature, doc_mask, k_needed=None, method=None, teacher=None):
+        """Refuse, in one line, a cache that was not made for this run: other training rows (tokenizer, row length,
+        shard checksums), another temperature or document masking, fewer entries than `k_needed`, another `method`
+        ('topk' | 'sampled') or, when `teacher` (a directory) is given, another teacher config."""
+        ix, where = self.index, f"teacher cache {self.dir!r}"
+        fix = "rebuild it with data_prep.teacher_cache for this run, or point teacher_cache= at the matching one"
+        want = data_identity(data_dir)
+        have = ix["data"]
+        if have["vocab_hash"] != want["vocab_hash"]:
+            raise DataError(f"{where} was made for tokenizer {have['tokenizer']!r} (vocab hash "
+                            f"{have['vocab_hash'][:12]}), data {data_dir!r} uses {want['tokenizer']!r} "
+                            f"({want['vocab_hash'][:12]}); {fix}")
+        if have["seq_len"] != want["seq_len"] or have["rows"] != want["rows"]:
+            raise DataError(f"{where} holds {have['rows']} rows of {have['seq_len']} tokens, data {data_dir!r} has "
+                            f"{want['rows']} rows of {want['seq_len']}; {fix}")
+        if have["shards_digest"] != want["shards_digest"]:
+            raise DataError(f"{where} was made from other training shards than {data_dir!r} (shard checksums "
+                            f"differ: another or rebuilt data set); {fix}")
+        if not math.isclose(float(temperature), self.temperature, rel_tol=0, abs_tol=1e-12):
+            raise ConfigError(f"{where} holds the teacher at temperature {self.temperature:g}, the run uses "
+                              f"temperature={float(temperature):g}; set temperature={self.temperature:g} or {fix}")
+        if bool(doc_mask) != self.doc_mask:
+            raise ConfigError(f"{where} was made with doc_mask={str(self.doc_mask).lower()}, the run uses "
+                              f"doc_mask={str(bool(doc_mask)).lower()} (the teacher must see the student's "
+                              f"positions); set doc_mask={str(self.doc_mask).lower()} or {fix}")
+        if method is not None and method != self.method:
+            raise ConfigError(f"{where} holds {self.method} targets, the run asks for {method}; {fix}")
+        if k_needed is not None:
+            k_needed = int(k_needed)
+            if k_needed > self.k:
+                raise ConfigError(f"{where} holds k={self.k} entries per token, the run needs {k_needed}; lower "
+                                  f"the run's k or {fix}")
+            if k_needed < self.k and self.method != "topk":
+                raise ConfigError(f"{where} holds {self.k} sampled draws; a sample cannot be cut to "
+                                  f"{k_needed} (only top-k caches can): use k={self.k} or {fix}")
+        if teacher is not None:
+            t = teacher_identity(teacher)
+            if t["config_sha256"] != ix["teacher"]["config_sha256"]:
+                raise ConfigError(f"{where} was made by teacher {ix['teacher']['path']!r}, whose config differs "
+                                  f"from {teacher!r}; {fix}")
+        return self
+
+    def records(self, rows):
+        """Raw records (numpy structured array [n]) of the given global row indices."""
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"row index out of range [0, {len(self)})")
+        files = np.searchsorted(self.starts, idx, side="right") - 1
+        out = np.empty(idx.size, dtype=self.dtype)
+        for j, (f, i) in enumerate(zip(files.tolist(), idx.tolist())):
+            out[j] = self.maps[f][i - int(self.starts[f])]
+        return out
+
+    def take(self, rows, k=None):
+        """(ids int64 [n, S, K], vals float32 [n, S, K], rest float32 [n, S]) of the given global row indices.
+        vals/rest mean what the module docstring says for the cache's method. `k` < K (top-k only) keeps the k most
+        likely entries and folds the others into rest, which is exactly the top-k cache of that k."""
+        rec = self.records(rows)
+        ids = torch.from_numpy(rec["ids"].astype(np.int64))
+        vals = torch.from_numpy(np.ascontiguousarray(rec["vals"]))
+        rest = torch.from_numpy(np.ascontiguousarray(rec["rest"]))
+        if k is not None and int(k) != self.k:
+            k = int(k)
+            if self.method != "topk" or not 1 <= k <= self.k:
+                raise ConfigError(f"teacher cache {self.dir!r}: cannot take k={k} from a {self.method} cache of "
+                                  f"k={self.k} (top-k caches can give any k <= {self.k})")
+            rest = torch.logaddexp(rest.double(), vals[..., k:].double().logsumexp(-1)).float()
+            ids, vals = ids[..., :k].contiguous(), vals[..., :k].contiguous()
+        return ids, vals, rest

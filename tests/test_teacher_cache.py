@@ -1,0 +1,192 @@
+"""Offline teacher cache (issue 13): data_prep/teacher_cache.py (generator) and distillery/teacher_cache.py (format,
+reader). A tiny offline data set (512-token BPE, 64-token rows, ~300 rows) and a random micro teacher.
+
+* the cache holds what the live teacher says: top-k log-probs at T of the document-masked teacher, position t =
+  the distribution of token t + 1, the rest = log of the remaining mass; a top-k cache cut to a smaller k is the
+  cache of that k;
+* a build killed after its first shards and rerun is byte-identical to an uninterrupted one (in-process, fast);
+  1 rank == 2 ranks under the deepspeed launcher, byte for byte (subprocesses, -m slow);
+* CacheReader.check refuses another data set, tokenizer, temperature, doc_mask, method or too large a k, in one line;
+  a rerun into a cache with other arguments is refused.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from conftest import REPO, clean_env, make_teacher  # noqa: E402
+from data_prep import teacher_cache as gen  # noqa: E402
+from distillery.errors import ConfigError, DataError, DistilleryError  # noqa: E402
+from distillery.teacher_cache import CacheReader, record_dtype  # noqa: E402
+
+K, RPS = 6, 64   # entries per position; rows per cache shard (~5 shards)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tc")
+    from data_prep import offline
+    offline.build(str(root / "data"), vocab_size=512, seq_len=64, max_train_bytes=int(0.04 * 2 ** 20),
+                  rows_per_shard=64, workers=0, progress=False)
+    make_teacher(str(root / "data"), root / "teacher")
+    return root
+
+
+def args(small, out, *extra, method="topk", k=K):
+    return ["--teacher", str(small / "teacher"), "--data", str(small / "data"), "--out", str(out), "--k", str(k),
+            "--method", method, "--rows_per_shard", str(RPS), "--batch_size", "8", "--quiet",
+            "--ds_config", str(REPO / "ds_configs/cpu.json"), *extra]
+
+
+def shard_bytes(out):
+    ix = json.load(open(os.path.join(out, "index.json")))
+    return [open(os.path.join(out, e["path"]), "rb").read() for e in ix["files"]], ix
+
+
+@pytest.fixture(scope="module")
+def topk_cache(small):
+    out = small / "c-topk"
+    gen.main(args(small, out, "--temperature", "2"))
+    return out
+
+
+def test_cache_holds_the_live_teachers_distribution(small, topk_cache):
+    from transformers import AutoModelForCausalLM
+    from distillery.packing import doc_positions
+    from distillery.shards import TokenRows
+    reader = CacheReader(str(topk_cache), verify=True).check(str(small / "data"), 2.0, True, k_needed=K,
+                                                              method="topk", teacher=str(small / "teacher"))
+    assert (reader.method, reader.k, reader.temperature, reader.doc_mask) == ("topk", K, 2.0, True)
+    assert os.path.getsize(os.path.join(topk_cache, "shards/00000.bin")) == RPS * record_dtype(64, K).itemsize
+    rows = TokenRows(str(small / "data"))
+    assert len(reader) == len(rows)
+    eos = json.load(open(small / "data" / "index.json"))["eos_id"]
+    all_rows = rows.take(np.arange(len(rows)))
+    with_eos = np.nonzero((all_rows[:, :-8] == eos).any(1))[0]            # a document starts inside the row
+    idx = np.array([0, 3, len(rows) - 1, RPS, RPS + 1, with_eos[0], with_eos[-1]])   # across shard boundaries too
+    x = torch.from_numpy(rows.take(idx))
+    lm = AutoModelForCausalLM.from_pretrained(str(small / "teacher"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = lm(input_ids=x, position_ids=doc_positions(x, eos)).logits.float()
+    logp = torch.log_softmax(logits / 2.0, -1)                           # position t: the distribution of t + 1
+    vals, ids = logp.topk(K, -1)
+    c_ids, c_vals, c_rest = reader.take(idx)
+    assert c_ids.dtype == torch.int64 and c_vals.dtype == torch.float32 and c_rest.shape == x.shape
+    assert (c_ids == ids).float().mean() > 0.999                        # (a near-tie may swap two entries)
+    assert torch.allclose(c_vals, vals, atol=1e-5)
+    rest = torch.log1p(-vals.exp().sum(-1).clamp(max=1 - 1e-7))
+    assert torch.allclose(c_rest, rest, atol=1e-4)
+    # a top-k cache cut to k = 2 is the top-2 cache: rest gains the dropped entries
+    i2, v2, r2 = reader.take(idx, k=2)
+    assert torch.equal(i2, c_ids[..., :2]) and torch.allclose(r2, torch.log1p(-vals[..., :2].exp().sum(-1)),
+                                                              atol=1e-5)
+
+
+def test_kill_and_rerun_is_byte_identical(small, topk_cache):
+    out = small / "c-killed"
+    with pytest.raises(KeyboardInterrupt):
+        gen.main(args(small, out, "--temperature", "2", "--stop_after_shards", "2"))
+    assert not os.path.exists(out / "index.json")
+    assert sorted(os.listdir(out / "shards")) == ["00000.bin", "00001.bin"]
+    with pytest.raises(DataError, match="no teacher cache .* build is in progress"):
+        CacheReader(str(out))
+    with open(out / "shards" / "00002.bin.tmp-1", "wb") as f:              # a killed writer's leftover
+        f.write(b"junk")
+    with pytest.raises(DataError, match="partial teacher cache with other arguments"):
+        gen.main(args(small, out, "--temperature", "1"))
+    gen.main(args(small, out, "--temperature", "2"))
+    a, ia = shard_bytes(out)
+    b, ib = shard_bytes(topk_cache)
+    assert a == b and ia["files"] == ib["files"] and len(a) == -(-ia["rows"] // RPS)
+    assert not os.path.exists(out / "progress")
+    gen.main(args(small, out, "--temperature", "2"))                     # already built: nothing to do
+    with pytest.raises(DataError, match="already holds a teacher cache built with other arguments"):
+        gen.main(args(small, out, "--temperature", "2", k=4))
+
+
+def _one_line(excinfo):
+    msg = str(excinfo.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    return msg
+
+
+def test_mismatched_cache_is_refused(small, topk_cache, tmp_path):
+    data = small / "data"
+    reader = CacheReader(str(topk_cache))
+    for kw, kind, what in [(dict(temperature=1.0), ConfigError, "temperature 2"),
+                           (dict(doc_mask=False), ConfigError, "doc_mask=true"),
+                           (dict(k_needed=K + 1), ConfigError, f"k={K}"),
+                           (dict(method="sampled"), ConfigError, "holds topk targets")]:
+        call = {**dict(data_dir=str(data), temperature=2.0, doc_mask=True), **kw}
+        with pytest.raises(kind) as e:
+            reader.check(**call)
+        assert what in _one_line(e)
+    # other data: the same rows rebuilt differently (a shard checksum changes), or another tokenizer
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    ix = json.load(open(other / "index.json"))
+    ix["splits"]["train"]["files"][0]["sha256"] = "0" * 64
+    json.dump(ix, open(other / "index.json", "w"))
+    with pytest.raises(DataError) as e:
+        reader.check(str(other), 2.0, True)
+    assert "other training shards" in _one_line(e)
+    ix["tokenizer"]["vocab_hash"] = "f" * 64
+    json.dump(ix, open(other / "index.json", "w"))
+    with pytest.raises(DataError) as e:
+        reader.check(str(other), 2.0, True)
+    assert "tokenizer" in _one_line(e)
+    # a corrupt shard is found by verify; a truncated one at open
+    bad = tmp_path / "bad"
+    shutil.copytree(topk_cache, bad)
+    with open(bad / "shards" / "00001.bin", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff")
+    with pytest.raises(DataError, match="fails its checksum"):
+        CacheReader(str(bad), verify=True)
+    with open(bad / "shards" / "00001.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(DistilleryError, match="truncated"):
+        CacheReader(str(bad))
+
+
+def test_sampled_cache_weights_and_entropy(small):
+    out = small / "c-sampled"
+    gen.main(args(small, out, "--seed", "3", method="sampled"))
+    reader = CacheReader(str(out)).check(str(small / "data"), 1.0, True, method="sampled")
+    ids, w, ent = reader.take([0, 1])
+    assert torch.allclose(w.sum(-1), torch.ones(()), atol=1e-6)
+    assert torch.all((w * K - (w * K).round()).abs() < 1e-4)             # counts / K
+    assert torch.all(ent > 0) and torch.all(ids < reader.kd_vocab)
+    with pytest.raises(ConfigError, match="cannot be cut"):
+        reader.check(str(small / "data"), 1.0, True, k_needed=K - 1)
+
+
+def _subprocess_build(small, out, nproc):
+    from distillery.launch import free_port
+    a = args(small, out, "--seed", "5", method="sampled")
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "data_prep.teacher_cache", *a]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+               str(free_port()), "--module", "data_prep.teacher_cache", *a]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                       env=dict(clean_env(), OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_one_rank_equals_two_ranks(small):
+    """The deepspeed launcher with 2 CPU ranks (gloo, ZeRO-3 teacher partitioned over both) writes the same bytes
+    as one process (~1 min)."""
+    _subprocess_build(small, small / "c-1rank", 1)
+    _subprocess_build(small, small / "c-2rank", 2)
+    a, ia = shard_bytes(small / "c-1rank")
+    b, ib = shard_bytes(small / "c-2rank")
+    assert a == b and ia["files"] == ib["files"]
