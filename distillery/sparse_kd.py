@@ -30,10 +30,11 @@ t_vals [C, K], t_rest [C]) -> [C], where s_logp are the student's log-probs at T
 the shared vocab) and s_rest = log p(outside S) (computed only when fn.needs_student_rest is true).
 
 Computation: chunks of C target rows, like the fused head (distillery/fused_kd.py): per chunk the student logits
-[C, Vs] are recomputed from h and W, the chunk objective is differentiated by torch.autograd.grad on that chunk's
-graph only (freed before the next chunk), and grad_h[C] = dz W, grad_W += dz^T h (fp32 accumulator) are formed in
-the forward. Backward multiplies them by grad_output. Memory: one chunk's logits and their autograd temporaries
-(a few [C, Vs] fp32) plus grad_h and an fp32 grad_W; never [N, V]. No teacher logits exist at all.
+[C, Vs] are recomputed from h and W; the divergence (any registered one) is differentiated by autograd on its [C, K]
+inputs only, and the chain rule to the logits is written out (one softmax per temperature, a scatter_add of K
+entries, for the tail one masked copy), so no [C, V] autograd graph exists; grad_h[C] = dz W and grad_W += dz^T h
+(fp32 accumulator) are formed in the forward and backward multiplies them by grad_output. Memory: a few [C, Vs]
+buffers of one chunk plus grad_h and an fp32 grad_W; never [N, V]. No teacher logits exist at all.
 """
 import torch
 
@@ -112,26 +113,52 @@ def auto_chunk_rows(vocab):
 
 
 def _chunk(z, y, ids, vals, rest, fn, v, T, w_ce, w_kd, need_grad, want_diag):
-    """One chunk: (objective, ce, kd, dz or None, diag dict). z [C, Vs] fp32 logits."""
+    """One chunk: (ce sum, kd sum, dL/dz or None, diag). z [C, Vs] logits (fp32 or fp64), no graph.
+
+    The divergence is differentiated by autograd on its small inputs only (s_logp [C, K], s_rest [C]): a = dL/ds_logp,
+    b = dL/ds_rest; the chain rule to the logits is written out, so no [C, V] autograd graph exists:
+        d s_logp_k / d zT = onehot(id_k) - p,   d s_rest / d zT = p 1[not in S] / p(not S) - p,   zT = z / T."""
+    lp1 = z.log_softmax(-1)                                                             # [C, Vs] student, T = 1
+    ce = -lp1.gather(-1, y[:, None]).squeeze(-1)
+    same = T == 1.0 and v == z.shape[1]
+    lpT = lp1 if same else ((z[:, :v] / T) if T != 1.0 else z[:, :v]).log_softmax(-1)   # [C, v] student at T
+    s_logp = lpT.gather(-1, ids).requires_grad_(need_grad)                              # [C, K]
+    p = lpT.exp()
+    s_rest = p_out = p_rest = None
+    if fn.needs_student_rest:
+        p_out = p.scatter(-1, ids, 0.0)                                                 # p outside S (ids may repeat)
+        p_rest = p_out.sum(-1)
+        s_rest = p_rest.log().clamp_min(NO_MASS).requires_grad_(need_grad)
     with torch.enable_grad():
-        z = z.detach().requires_grad_(need_grad)
-        ce = z.logsumexp(-1) - z.gather(-1, y[:, None]).squeeze(-1)
-        zv = z[:, :v] if v < z.shape[1] else z
-        zT = zv / T if T != 1.0 else zv
-        lse = zT.logsumexp(-1, keepdim=True)
-        s_logp = zT.gather(-1, ids) - lse                                              # [C, K]
-        s_rest = None
-        if fn.needs_student_rest:
-            s_rest = (zT.scatter(-1, ids, float("-inf")).logsumexp(-1) - lse.squeeze(-1)).clamp_min(NO_MASS)
-        kd = (T * T) * fn(s_logp=s_logp, s_rest=s_rest, t_vals=vals, t_rest=rest)
-        obj = w_ce * ce.sum() + w_kd * kd.sum()
-        dz = torch.autograd.grad(obj, z)[0] if need_grad else None
+        kd = (T * T) * fn(s_logp=s_logp, s_rest=s_rest, t_vals=vals, t_rest=rest)        # [C]
+        if need_grad:
+            leaves = [s_logp] + ([s_rest] if s_rest is not None else [])
+            grads = torch.autograd.grad(w_kd * kd.sum(), leaves, allow_unused=True)
+    dz = None
+    if need_grad:
+        # dL/dz = w_ce (p1 - onehot(y)) + (1/T) [scatter(a) + p (-sum a - b) + (b / p_rest) p_out]  (first v columns)
+        a = grads[0].detach() if grads[0] is not None else torch.zeros_like(s_logp)
+        coef = -a.sum(-1, keepdim=True)
+        b = grads[1].detach()[:, None] if s_rest is not None and grads[1] is not None else None
+        if b is not None:
+            coef = coef - b
+        if same:
+            dz = p.mul_(coef.add_(w_ce))                                                # p is dead after this
+        else:
+            dz = lp1.exp_().mul_(w_ce)
+            dz[:, :v].add_(p.mul_(coef.div_(T)))
+        dz.scatter_add_(-1, ids, a.div(T) if T != 1.0 else a)
+        if b is not None:
+            ratio = torch.where(p_rest[:, None] > 0, b / p_rest[:, None], torch.zeros_like(b))
+            dz[:, :v].add_(p_out.mul_(ratio.div_(T)))
+        if w_ce != 0:
+            dz.scatter_add_(-1, y[:, None], torch.full(y[:, None].shape, -w_ce, dtype=z.dtype, device=z.device))
     diag = {}
     if want_diag:
         with torch.no_grad():
-            lp1 = zv.detach().log_softmax(-1)
-            diag["student_entropy"] = -(lp1.exp() * lp1).sum()
-    return ce.detach().sum(), kd.detach().sum(), dz, diag
+            l1 = z[:, :v].log_softmax(-1)
+            diag["student_entropy"] = -(l1.exp() * l1).sum()
+    return ce.sum(), kd.detach().sum(), dz, diag
 
 
 class _SparseHead(torch.autograd.Function):

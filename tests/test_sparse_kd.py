@@ -202,3 +202,22 @@ def test_topk_bias_is_measured():
         assert report[(V, mode)][0] < 1e-6                                   # K = V: exact (fp32 cache values)
         assert report[(4, mode)][0] > 0.05                                   # small K: visibly biased
     assert report[(16, "tail")][0] < report[(4, "tail")][0]                  # and less so with more K
+
+
+@pytest.mark.parametrize("mode", ["renorm", "tail"])
+def test_full_k_equals_online_kd_unpadded(mode):
+    """Shared vocab = the student's (one softmax serves CE and KD at T = 1: the loss's shortcut)."""
+    hs, ws, ht, wt, y = inputs(seed=5)
+    wt = wt[:VS]
+    hs_, ws_ = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    p = compute_loss(impl="plain", student_hidden=hs_, student_weight=ws_, targets=y, teacher_hidden=ht,
+                     teacher_weight=wt, kd_vocab=VS, divergence=get("divergence", "forward_kl"), temperature=1.0,
+                     w_ce=0.3, w_kd=0.7)
+    p.loss.backward()
+    logp = torch.log_softmax((ht.reshape(-1, HT) @ wt.t()).float(), -1)
+    ids, vals, rest = (t.reshape(B, S, *t.shape[1:]) for t in encode_topk(logp, VS))
+    h2, w2 = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    o = sparse_loss(student_hidden=h2, student_weight=w2, targets=y, cache_ids=ids, cache_vals=vals, cache_rest=rest,
+                    method="topk", sparse_mode=mode, kd_vocab=VS, w_ce=0.3, w_kd=0.7, chunk_size=32)
+    o.loss.backward()
+    assert_same((o, h2.grad, w2.grad), (p, hs_.grad, ws_.grad))

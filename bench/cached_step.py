@@ -1,0 +1,182 @@
+"""One training step from a teacher cache (issue 13) against an online-KD step and an LM-only step, in one run.
+
+    python bench/cached_step.py                # CPU: bench/train_step.py's shapes (tiny-student 192h/4L, teacher
+                                               # 96h/2L, vocab 2048, seq 128, micro-batch 8), fp32
+    python bench/cached_step.py --gpu          # one GPU: train_step.py's GPU pair (vocab 128256, seq 2048), bf16
+
+Variants (each in a fresh child process on the same random batches, after warm-up, median step time), all through
+the trainer's own micro-step (distillery/step.py) on a ZeRO-3 student engine built as bench/train_step.py builds it:
+  lm_only            alpha = 0: CE only, no teacher (the fused head without teacher).
+  online_kd          teacher forward (ZeRO-3 inference engine) + fused KD head, alpha = 0.2.
+  cached_topk        no teacher: the step reads its rows' targets from an on-disk cache (CacheReader.take, K = 32
+                     top-k) and the loss is distillery/sparse_kd.py (sparse_mode tail), alpha = 0.2.
+  cached_sampled     the same with K = 32 sampled ids and the unbiased estimator.
+The cached variants route the sparse loss through the engine the way the trainer will: the bench registers
+`sparse_loss` as distillery.loss.IMPLS["sparse"] in its own process (loss_impl=sparse), so StudentWithLoss gathers
+the output weight and ZeRO-3 reduces its gradient as for the other paths. The cache is made before timing (from
+the same teacher, in this process), so its cost is the generator's, not the step's.
+Ends with one JSON line: step ms, tokens/s and peak memory per variant, and the step-time ratios
+cached / lm_only, cached / online_kd, online_kd / lm_only.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+_spec = importlib.util.spec_from_file_location("bench_train_step", os.path.join(REPO, "bench", "train_step.py"))
+ts = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ts)
+
+ALPHA, K = 0.2, 32
+VARIANTS = ("lm_only", "online_kd", "cached_topk", "cached_sampled")
+
+
+def write_cache(cache_dir, s, teacher, bs, method, dev):
+    """A real cache directory (distillery/teacher_cache.py format) holding the bench batches' rows, made from the
+    teacher's logits at T = 1 by the generator's own encoders. Returns a CacheReader."""
+    import numpy as np
+    import torch
+    from distillery import atomic
+    from distillery import teacher_cache as tc
+    S, n = s["seq"], len(bs) * s["mb"]
+    rec = np.empty(n, dtype=tc.record_dtype(S, K))
+    with torch.no_grad():
+        for b, x in enumerate(bs):
+            logp = torch.log_softmax(teacher(input_ids=x.to(dev)).logits.float().reshape(-1, s["vocab"]), -1)
+            if method == "topk":
+                ids, vals, rest = tc.encode_topk(logp, K)
+            else:
+                u = torch.cat([tc.row_uniforms(0, b * s["mb"] + r, S, K) for r in range(s["mb"])])
+                ids, vals, rest = tc.encode_sampled(logp, u)
+            sl = slice(b * s["mb"], (b + 1) * s["mb"])
+            rec["ids"][sl] = ids.cpu().reshape(s["mb"], S, K).numpy()
+            rec["vals"][sl] = vals.cpu().reshape(s["mb"], S, K).numpy()
+            rec["rest"][sl] = rest.cpu().reshape(s["mb"], S).numpy()
+    os.makedirs(os.path.join(cache_dir, tc.SHARD_DIR), exist_ok=True)
+    atomic.write_bytes(os.path.join(cache_dir, tc.shard_path(0)), rec.tobytes())
+    atomic.write_json(os.path.join(cache_dir, "index.json"), {
+        "format": tc.FORMAT, "version": tc.VERSION, "method": method, "k": K, "temperature": 1.0, "seed": 0,
+        "doc_mask": False, "kd_vocab": s["vocab"], "seq_len": S, "rows": n,
+        "files": [{"path": tc.shard_path(0), "first_row": 0, "rows": n, "bytes": rec.nbytes, "sha256": ""}]})
+    return tc.CacheReader(cache_dir)
+
+
+def build(variant, s, dev):
+    """-> step(i) running micro-step i on batch i % 4 of the variant."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from distillery import loss as loss_seam
+    from distillery.config import Config
+    from distillery.engines import init_student, init_teacher, student_ds_config, teacher_ds_config
+    from distillery.loss_parts import shift_targets
+    from distillery.models import zero3_context
+    from distillery.objective import Objective
+    from distillery.sparse_kd import sparse_loss
+    from distillery.step import micro_step
+    alpha = 0.0 if variant == "lm_only" else ALPHA
+    cfg = Config(micro_batch_size=s["mb"], global_batch_size=s["mb"], lr=1e-4, alpha=alpha, loss_impl="fused",
+                 train_tokens=10 ** 9, seq_len=s["seq"])
+    ds_base = {"zero_optimization": {"stage": 3}, **({"bf16": {"enabled": True}} if dev == "cuda" else {})}
+    ds_student = student_ds_config(ds_base, cfg, world=1)
+    objective = Objective.from_config(cfg, total_steps=1000)
+    _, w_ce, w_kd = objective.weights(0)
+    n = s["mb"] * (s["seq"] - 1)
+    bs = [b.to(dev) for b in ts.batches(s)]
+    teacher = reader = None
+    torch.manual_seed(0)
+    if variant == "online_kd":
+        ds_teacher = teacher_ds_config(ds_base, cfg)
+        with zero3_context(ds_teacher):
+            te = AutoModelForCausalLM.from_config(ts.hf_cfg(s, s["teacher"]))
+        teacher = init_teacher(te, ds_teacher)
+        loss_kw = dict(objective.loss_kw(), kd_vocab=s["vocab"])
+    elif variant.startswith("cached"):
+        te = AutoModelForCausalLM.from_config(ts.hf_cfg(s, s["teacher"])).to(dev).eval()   # same init as online
+        if dev == "cuda":
+            te = te.to(torch.bfloat16)
+        method = variant.split("_")[1]
+        reader = write_cache(tempfile.mkdtemp(prefix="cached_step_"), s, te, bs, method, dev)
+        del te
+        loss_seam.IMPLS["sparse"] = sparse_loss          # this process only: how the trainer will route it
+        loss_kw = dict(impl="sparse", method=method, sparse_mode="tail", kd_vocab=s["vocab"], temperature=1.0,
+                       chunk_size=0)
+    else:
+        loss_kw = objective.loss_kw(with_teacher=False)
+    with zero3_context(ds_student):
+        st = AutoModelForCausalLM.from_config(ts.hf_cfg(s, s["student"]))
+    engine = init_student(st, cfg, ds_student, total_steps=1000)
+
+    def step(i):
+        b = i % len(bs)
+        x = bs[b]
+        kw = loss_kw
+        if reader is not None:  # the rows' cached targets, read from disk like the trainer will
+            ids, vals, rest = reader.take(range(b * s["mb"], (b + 1) * s["mb"]))
+            kw = dict(loss_kw, cache_ids=ids.to(dev, non_blocking=True), cache_vals=vals.to(dev, non_blocking=True),
+                      cache_rest=rest.to(dev, non_blocking=True))
+        parts = micro_step(engine, teacher, x, shift_targets(x), kw, w_ce / n, w_kd / n)
+        return parts["loss"]
+    return step
+
+
+def measure(variant, gpu):
+    import torch
+    from distillery.launch import init_distributed
+    dev = "cuda" if gpu else "cpu"
+    s = ts.shapes(gpu)
+    init_distributed()
+    step = build(variant, s, dev)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(s["warm"] + s["steps"]):
+        sync()
+        t = time.perf_counter()
+        loss = step(i)
+        float(loss)
+        sync()
+        if i >= s["warm"]:
+            times.append(time.perf_counter() - t)
+    med = sorted(times)[len(times) // 2]
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if gpu
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    return dict(variant=variant, step_ms=round(med * 1e3, 2), tokens_per_s=round(s["mb"] * s["seq"] / med),
+                peak_gib=round(peak, 3), final_loss=round(float(loss), 4))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(measure(a.child, a.gpu)))
+        return
+    res = {}
+    for v in VARIANTS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", v] + (["--gpu"] if a.gpu else [])
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"{v} failed:\n{p.stderr[-3000:]}")
+        res[v] = json.loads(p.stdout.strip().splitlines()[-1])
+        print(f"{v:<16} {res[v]['step_ms']:>10.1f} ms/step {res[v]['tokens_per_s']:>10,} tok/s "
+              f"peak {res[v]['peak_gib']:.2f} GiB{' (RSS)' if not a.gpu else ''}", flush=True)
+    lm, on = res["lm_only"]["step_ms"], res["online_kd"]["step_ms"]
+    out = {"bench": "cached_step", "device": "cuda" if a.gpu else "cpu", **ts.shapes(a.gpu), "k": K,
+           "alpha": ALPHA, **res, "online_over_lm": round(on / lm, 3)}
+    for v in ("cached_topk", "cached_sampled"):
+        out[f"{v}_over_lm"] = round(res[v]["step_ms"] / lm, 3)
+        out[f"{v}_over_online"] = round(res[v]["step_ms"] / on, 3)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
