@@ -51,6 +51,9 @@ class Config:
     alpha_decay_frac: float = 0.2
     loss_impl: str = "fused"           # fused (chunked, distillery/fused_kd.py) or plain (reference)
     loss_chunk_size: int = 0           # rows per chunk in the fused head; 0: auto, ~2^25 logits (256 rows at 128k)
+    loss_closed_form: bool = True      # fused head: CE + KD + dL/dlogits from formulas where the divergence has one
+                                       # (forward_kl); false: autograd per chunk for every divergence
+    loss_compile: bool = False         # fused head: torch.compile the autograd route per chunk (26-67 s to compile)
     # --- batch and length
     seq_len: int = 0                   # 0: the data set's row length
     micro_batch_size: int = 8          # rows per rank per forward
@@ -105,8 +108,8 @@ RUN_DEFINING = ("seed", "data", "doc_mask", "student", "student_init", "teacher"
                 "alpha_decay_frac", "seq_len", "global_batch_size", "train_tokens", "compute_match",
                 "compute_match_pretrain", "weight_decay", "beta1", "beta2", "eps")
 MAY_CHANGE = ("name", "out_dir", "eval_data", "eval_sets", "teacher_offload", "trust_remote_code", "attn_impl",
-              "grad_ckpt", "loss_impl", "loss_chunk_size", "micro_batch_size", "max_steps", "lr", "min_lr_frac",
-              "warmup_frac", "grad_clip", "log_interval", "eval_interval", "eval_window", "eval_max_windows",
+              "grad_ckpt", "loss_impl", "loss_chunk_size", "loss_closed_form", "loss_compile", "micro_batch_size",
+              "max_steps", "lr", "min_lr_frac", "warmup_frac", "grad_clip", "log_interval", "eval_interval", "eval_window", "eval_max_windows",
               "eval_batch_size", "callbacks", "callback_args", "save_interval", "resume", "keep_last", "export",
               "export_dtype", "verify_data", "max_bad_steps", "max_skipped_frac")
 _TYPES = typing.get_type_hints(Config)

@@ -22,6 +22,8 @@ class Objective:
     divergence_args: dict
     impl: str                    # loss_impl: fused | plain
     chunk_size: int              # rows per fused-head chunk; 0 = automatic
+    closed_form: bool = True     # fused head: formulas where the divergence declares one (distillery/fused_kd.py)
+    compile: bool = False        # fused head: torch.compile the autograd route
     kd_vocab: Optional[int] = None  # the vocab shared with the teacher; None = no teacher is loaded
 
     @classmethod
@@ -32,7 +34,7 @@ class Objective:
                                                        warmup_frac=cfg.alpha_warmup_frac,
                                                        decay_frac=cfg.alpha_decay_frac),
                    temperature=cfg.temperature, divergence_args=dict(cfg.divergence_args), impl=cfg.loss_impl,
-                   chunk_size=cfg.loss_chunk_size)
+                   chunk_size=cfg.loss_chunk_size, closed_form=cfg.loss_closed_form, compile=cfg.loss_compile)
 
     def alpha_at(self, step):
         """alpha at optimizer step `step` (0-based)."""
@@ -50,7 +52,7 @@ class Objective:
 
     def loss_kw(self, with_teacher=True):
         """The keyword arguments of distillery.loss.compute_loss that come from the objective (not the batch)."""
-        kw = dict(impl=self.impl, chunk_size=self.chunk_size)
+        kw = dict(impl=self.impl, chunk_size=self.chunk_size, closed_form=self.closed_form, compile=self.compile)
         if with_teacher:
             kw.update(kd_vocab=self.kd_vocab, divergence=self.divergence, divergence_args=self.divergence_args,
                       temperature=self.temperature)
