@@ -70,8 +70,9 @@ class Plan:
     world: int
     grad_accum: int            # micro-batches per rank per optimizer step
     total_steps: int
-    objective: Objective       # divergence + mix + alpha schedule; kd_vocab set iff a teacher is loaded
+    objective: Objective       # divergence + mix + alpha schedule; kd_vocab set iff KD has a teacher (live or cached)
     callbacks: Callbacks       # built with their options (callback_args), in config order
+    cache: object = None       # distillery.teacher_cache.CacheReader when teacher_cache= replaces the live teacher
 
 
 def resolve(args):
@@ -99,14 +100,29 @@ def resolve(args):
     _, grad_accum = batch_layout(cfg, world)
     objective = Objective.from_config(cfg, total_steps)
     callbacks = Callbacks.build(cfg.callbacks, cfg.callback_args)
-    if objective.needs_teacher():
+    cache = None
+    if objective.needs_teacher() and cfg.teacher_cache:  # sparse targets from disk, no teacher in the process
+        cache = open_cache(cfg)
+        objective = dataclasses.replace(objective, impl="sparse", kd_vocab=cache.kd_vocab)
+    elif objective.needs_teacher():
         if not cfg.teacher:
             raise ConfigError(f"alpha={cfg.alpha} (mix {cfg.mix}) needs a teacher: set teacher=<hf dir>, or "
                               f"alpha=0 for the baseline")
         objective = dataclasses.replace(objective, kd_vocab=check_model_dir(cfg.teacher, index, who="teacher"))
     elif cfg.teacher and cfg.teacher != Config.teacher and rank_world()[0] == 0:
         print(f"note: KD weight is 0 at every step, so teacher={cfg.teacher} is not loaded")
-    return Plan(cfg, ds_base, index, world, grad_accum, total_steps, objective, callbacks)
+    return Plan(cfg, ds_base, index, world, grad_accum, total_steps, objective, callbacks, cache)
+
+
+def open_cache(cfg):
+    """The teacher cache, checked against this run (data, tokenizer, temperature, doc_mask, k) before any work."""
+    from distillery.teacher_cache import CacheReader
+    if cfg.divergence != "forward_kl":
+        raise ConfigError(f"teacher_cache distills with the cache's sparse forward KL (teacher_cache_mode="
+                          f"{cfg.teacher_cache_mode}); divergence={cfg.divergence} needs the live teacher: drop "
+                          f"teacher_cache")
+    return CacheReader(cfg.teacher_cache).check(cfg.data, cfg.temperature, cfg.doc_mask,
+                                                k_needed=cfg.teacher_cache_k or None)
 
 
 def check_data(cfg):
@@ -141,7 +157,7 @@ def build_engines(plan, where):
     cfg = plan.cfg
     ds_student = checkpoint.ds_config_for_resume(student_ds_config(plan.ds_base, cfg, plan.world), where)
     teacher = None
-    if plan.objective.kd_vocab is not None:
+    if plan.objective.kd_vocab is not None and plan.cache is None:
         ds_teacher = teacher_ds_config(plan.ds_base, cfg)
         dtype = torch.bfloat16 if ds_teacher.get("bf16") else torch.float32
         with zero3_context(ds_teacher):
@@ -166,11 +182,20 @@ class Run:
     ledger: ComputeLedger      # FLOPs so far: student training, teacher forward (distillery/flops.py)
 
     def rows(self, step):
-        """This rank's rows of optimizer step `step`: [grad_accum, micro_batch, S] (sampler.rank_slice)."""
+        """This rank's rows of optimizer step `step`: ([grad_accum, micro_batch, S] tokens, their row indices per
+        micro-batch) (sampler.rank_slice)."""
         cfg = self.plan.cfg
-        mbs = self.reader.step_batches(step * cfg.global_batch_size, cfg.global_batch_size, cfg.micro_batch_size,
+        idx = self.reader.step_indices(step * cfg.global_batch_size, cfg.global_batch_size, cfg.micro_batch_size,
                                        self.plan.grad_accum)
-        return torch.stack([torch.from_numpy(mb) for mb in mbs])
+        return torch.stack([torch.from_numpy(self.reader.rows.take(i)) for i in idx]), idx
+
+    def cached_targets(self, idx):
+        """The cached teacher targets of rows `idx` as loss keywords (teacher_cache=; distillery/sparse_kd.py)."""
+        cfg, dev = self.plan.cfg, self.engine.device
+        ids, vals, rest = self.plan.cache.take(idx, k=cfg.teacher_cache_k or None)   # [mb, S, K] x 2, [mb, S]
+        return dict(cache_ids=torch.as_tensor(ids).to(dev), cache_vals=torch.as_tensor(vals).to(dev),
+                    cache_rest=None if rest is None else torch.as_tensor(rest).to(dev),
+                    method=self.plan.cache.method, sparse_mode=cfg.teacher_cache_mode)
 
 
 def check_data_files(cfg):
@@ -239,7 +264,7 @@ def train(run):
     for step in range(ctx.start_step, ctx.end_step):
         alpha, w_ce, w_kd = obj.weights(step)
         lr = engine.get_lr()[0]
-        batch = run.rows(step)                                                       # [GA, mb, S]
+        batch, rows_idx = run.rows(step)                                             # [GA, mb, S]
         targets = torch.stack([shift_targets(b) for b in batch])                     # [GA, mb, S]
         positions = ([doc_positions(b, plan.index["eos_id"]) for b in batch] if cfg.doc_mask  # [mb, S] each
                      else [None] * plan.grad_accum)
@@ -269,7 +294,8 @@ def train(run):
             for m in range(plan.grad_accum):
                 x, y = batch[m].to(dev, non_blocking=True), targets[m].to(dev, non_blocking=True)
                 pos = positions[m].to(dev, non_blocking=True) if positions[m] is not None else None
-                parts = micro_step(engine, run.teacher, x, y, loss_kw, w_ce * scale, w_kd * scale, want_diag,
+                kw = loss_kw if plan.cache is None else dict(loss_kw, **run.cached_targets(rows_idx[m]))
+                parts = micro_step(engine, run.teacher, x, y, kw, w_ce * scale, w_kd * scale, want_diag,
                                    teacher_timer, pos)
                 stats.add(parts, inv_n, w_ce, w_kd)
         stats.end_step(n_global)

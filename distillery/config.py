@@ -33,6 +33,9 @@ class Config:
     student_init: str = ""             # ... or start from a Hugging Face directory (continued pretraining)
     teacher: str = "runs/offline-teacher/export"  # HF-format directory (safetensors); unused when KD weight is 0
     teacher_offload: bool = False      # ZeRO-3 offload_param of the teacher to CPU memory
+    teacher_cache: str = ""            # a data_prep.teacher_cache dir: sparse cached targets replace the live teacher
+    teacher_cache_mode: str = "renorm"  # top-k caches: renorm | tail | support (docs/teacher_cache.md); sampled: -
+    teacher_cache_k: int = 0           # use the first k entries of a top-k cache (0: all it holds)
     trust_remote_code: bool = False    # only for teachers that need custom modelling code
     attn_impl: str = "auto"            # auto: flash_attention_2 when installed on GPU, else sdpa
     grad_ckpt: bool = False            # activation checkpointing of the student (paper: full recompute)
@@ -103,7 +106,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # resume (or a rerun under the same name) with a different value is refused before anything is written. Every other
 # key may change and is applied for real (lr and its schedule are re-applied over the checkpoint's scheduler state);
 # the change is recorded in <run_dir>/config_history.jsonl. Every field is in exactly one of the two.
-RUN_DEFINING = ("seed", "data", "doc_mask", "student", "student_init", "teacher", "alpha", "temperature", "divergence",
+RUN_DEFINING = ("seed", "data", "doc_mask", "student", "student_init", "teacher", "teacher_cache",
+                "teacher_cache_mode", "teacher_cache_k", "alpha", "temperature", "divergence",
                 "divergence_args", "mix", "alpha_schedule", "alpha_start", "alpha_end", "alpha_warmup_frac",
                 "alpha_decay_frac", "seq_len", "global_batch_size", "train_tokens", "compute_match",
                 "compute_match_pretrain", "weight_decay", "beta1", "beta2", "eps")

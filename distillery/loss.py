@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from distillery.fused_kd import fused_loss
+from distillery.sparse_kd import sparse_loss
 from distillery.loss_parts import DIAG_KEYS, IGNORE_INDEX, LossParts, diagnostics, shift_targets  # noqa: F401
 
 
@@ -55,7 +56,7 @@ def plain_loss(*, student_hidden, student_weight, targets, teacher_hidden=None, 
 
 
 # The loss paths, a fixed table: loss_impl=plain|fused selects one (distillery/config.py checks the name).
-IMPLS = {"plain": plain_loss, "fused": fused_loss}
+IMPLS = {"plain": plain_loss, "fused": fused_loss, "sparse": sparse_loss}  # sparse: cached targets (teacher_cache=)
 
 
 def compute_loss(impl="plain", **kw):

@@ -105,7 +105,11 @@ class RankReader:
         """Rows of global samples [start, start + count): int64 [count, seq_len]."""
         return self.rows.take(self.order.indices(start, count))
 
+    def step_indices(self, step_start_sample, global_batch, micro_batch, grad_accum):
+        """Row indices of this rank's micro-batches of the step: [int64 [micro_batch]] x grad_accum."""
+        return [self.order.indices(start, count) for start, count in
+                rank_slice(step_start_sample, global_batch, self.rank, self.world, micro_batch, grad_accum)]
+
     def step_batches(self, step_start_sample, global_batch, micro_batch, grad_accum):
-        for start, count in rank_slice(step_start_sample, global_batch, self.rank, self.world, micro_batch,
-                                       grad_accum):
-            yield self.batch(start, count)
+        for idx in self.step_indices(step_start_sample, global_batch, micro_batch, grad_accum):
+            yield self.rows.take(idx)

@@ -29,7 +29,9 @@ class Progress(Callback):
         cfg = ctx.cfg
         if ctx.rank == 0:
             kd = (f"alpha={cfg.alpha} {cfg.mix}/{cfg.divergence} T={cfg.temperature}, teacher {cfg.teacher}"
-                  if ctx.teacher is not None else "no teacher (alpha = 0)")
+                  if ctx.teacher is not None else
+                  f"alpha={cfg.alpha} {cfg.mix} T={cfg.temperature}, teacher cache {cfg.teacher_cache} "
+                  f"({cfg.teacher_cache_mode})" if cfg.alpha and cfg.teacher_cache else "no teacher (alpha = 0)")
             mask = "document-masked" if cfg.doc_mask else "one causal sequence per row"
             print(f"[{cfg.name}] {cfg.student} {kd}: steps {ctx.start_step}->{ctx.total_steps}, "
                   f"{cfg.global_batch_size}x{cfg.seq_len} tokens/step ({mask}, attention {cfg.attn_impl})", flush=True)
@@ -40,7 +42,8 @@ class Progress(Callback):
         if "loss/total" in record:
             rate = (step - ctx.start_step) / max(time.perf_counter() - self.t0, 1e-9)
             eta = (ctx.total_steps - step) / max(rate, 1e-9)
-            kd = f" ce {record['loss/ce']:.4f} kd {record['loss/kd']:.4f}" if ctx.teacher is not None else ""
+            kd = (f" ce {record['loss/ce']:.4f} kd {record['loss/kd']:.4f}"
+                  if ctx.teacher is not None or ctx.cfg.teacher_cache else "")
             print(f"step {step:>6}/{ctx.total_steps} loss {record['loss/total']:.4f}{kd} lr {record['lr']:.2e} "
                   f"| {record['perf/tokens_per_s']:,.0f} tok/s | ETA {_hms(eta)}", flush=True)
         elif any(k.startswith("eval/") and k.endswith("/loss") for k in record):

@@ -190,3 +190,40 @@ def test_one_rank_equals_two_ranks(small):
     a, ia = shard_bytes(small / "c-1rank")
     b, ib = shard_bytes(small / "c-2rank")
     assert a == b and ia["files"] == ib["files"]
+
+
+def test_training_from_a_full_cache_matches_online_step_for_step(small, tmp_path):
+    """teacher_cache= in the trainer: with K = the vocabulary, a top-k cache carries the teacher's whole distribution,
+    so 3 optimizer steps distilled from it give the losses of 3 steps with the live teacher (fp32 rounding), and the
+    run loads no teacher and counts no teacher FLOPs. A sampled cache trains too (its KD is an unbiased estimate)."""
+    from conftest import read_metrics, run_inprocess
+    vocab = json.load(open(small / "data" / "index.json"))["vocab_size"]
+    full = tmp_path / "c-full"
+    gen.main(args(small, full, k=vocab))
+    common = [f"data={small / 'data'}", "alpha=0.5", "max_steps=3", "callbacks=[]", "eval_interval=-1",
+              "export=false"]
+    run_inprocess(str(small / "data"), tmp_path, "name=online", f"teacher={small / 'teacher'}", *common)
+    run_inprocess(str(small / "data"), tmp_path, "name=cached", f"teacher_cache={full}", "teacher=/no/such/dir",
+                  *common)
+    online, _ = read_metrics(tmp_path / "online")
+    cached, _ = read_metrics(tmp_path / "cached")
+    assert sorted(cached) == [1, 2, 3]
+    for s in (1, 2, 3):
+        for k in ("loss/total", "loss/ce", "loss/kd"):
+            assert cached[s][k] == pytest.approx(online[s][k], rel=1e-5), (s, k)
+    assert cached[3]["compute/teacher_flops"] == 0 and online[3]["compute/teacher_flops"] > 0
+    sampled = tmp_path / "c-sampled"
+    gen.main(args(small, sampled, method="sampled", k=8))
+    run_inprocess(str(small / "data"), tmp_path, "name=sampled", f"teacher_cache={sampled}", *common)
+    m, _ = read_metrics(tmp_path / "sampled")
+    assert all(np.isfinite(m[s]["loss/kd"]) and m[s]["loss/kd"] > 0 for s in (1, 2, 3))
+
+
+def test_trainer_refuses_a_mismatched_cache(small, topk_cache, tmp_path):
+    """The cache was made at T = 2: a run at T = 1 stops at start with one line, before anything is written."""
+    import train
+    from conftest import BASE
+    with pytest.raises(DistilleryError, match="temperature") as e:
+        train.resolve(train.parse_args(["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={small / 'data'}",
+                                        f"out_dir={tmp_path}", *BASE, "alpha=0.5", f"teacher_cache={topk_cache}"]))
+    assert "\n" not in str(e.value) and not os.listdir(tmp_path)
