@@ -50,6 +50,7 @@ def hf_cfg(s, p):
                        use_cache=False, attn_implementation="sdpa")
 
 
+VARIANTS = ("naive", "fused_torch", "distillery_zero0", "distillery", "distillery_doc_mask")
 EOS, DOC_LEN = 0, 64  # documents of ~64 tokens: two per CPU row, so the doc_mask variant really masks
 
 
@@ -96,7 +97,48 @@ def run_naive(s, dev):
     return step
 
 
-def run_distillery(s, dev, doc_mask=False):
+class TorchEngine:
+    """The engine surface micro_step uses (call, backward, step), over a plain module and torch AdamW: the trainer's
+    micro-step and fused head with no DeepSpeed at all (the fused_torch variant)."""
+
+    def __init__(self, module, opt):
+        self.module, self.opt = module, opt
+
+    def __call__(self, *args, **kw):
+        return self.module(*args, **kw)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        import torch
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def run_fused_torch(s, dev):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from distillery.engines import StudentWithLoss, TeacherHidden
+    from distillery.loss_parts import shift_targets
+    from distillery.step import micro_step
+    import plugins
+    torch.manual_seed(0)
+    te = TorchEngine(TeacherHidden(AutoModelForCausalLM.from_config(hf_cfg(s, s["teacher"])).to(dev)), None)
+    st = StudentWithLoss(AutoModelForCausalLM.from_config(hf_cfg(s, s["student"])).to(dev))
+    engine = TorchEngine(st, torch.optim.AdamW(st.parameters(), lr=1e-4, fused=dev == "cuda"))
+    loss_kw = dict(impl="fused", kd_vocab=s["vocab"], divergence=plugins.get("divergence", "forward_kl"),
+                   temperature=1.0)
+    n = s["mb"] * (s["seq"] - 1)
+
+    def step(x):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            return micro_step(engine, te, x, shift_targets(x), loss_kw, (1 - ALPHA) / n, ALPHA / n)["loss"]
+    return step
+
+
+def run_distillery(s, dev, doc_mask=False, zero_stage=3):
     """The trainer's own pieces: engines from distillery.engines (param groups, AdamW, LR schedule, clipping from the
     Config), the Objective, and distillery.step.micro_step, the function train.py calls for every micro-batch.
     doc_mask: document positions (distillery/packing.py) to student and teacher, as train.py does by default."""
@@ -111,8 +153,10 @@ def run_distillery(s, dev, doc_mask=False):
     from distillery.step import micro_step
     cfg = Config(micro_batch_size=s["mb"], global_batch_size=s["mb"], lr=1e-4, alpha=ALPHA, loss_impl="fused",
                  train_tokens=10 ** 9, seq_len=s["seq"])
-    ds_base = {"zero_optimization": {"stage": 3}, **({"bf16": {"enabled": True}} if dev == "cuda" else {})}
+    ds_base = {"zero_optimization": {"stage": zero_stage}, **({"bf16": {"enabled": True}} if dev == "cuda" else {})}
     ds_teacher, ds_student = teacher_ds_config(ds_base, cfg), student_ds_config(ds_base, cfg, world=1)
+    if zero_stage == 0:  # the same engines with nothing partitioned: isolates what ZeRO-3's hooks cost
+        ds_teacher = dict(ds_teacher, zero_optimization={"stage": 0})
     torch.manual_seed(0)
     with zero3_context(ds_teacher):
         te = AutoModelForCausalLM.from_config(hf_cfg(s, s["teacher"]))
@@ -137,13 +181,16 @@ def measure(variant, gpu):
     import torch
     dev = "cuda" if gpu else "cpu"
     s = shapes(gpu)
-    if variant.startswith("distillery"):
+    if variant != "naive":
         from distillery.launch import init_distributed
         init_distributed()
     if variant == "naive":
         step = run_naive(s, dev)
+    elif variant == "fused_torch":
+        step = run_fused_torch(s, dev)
     else:
-        step = run_distillery(s, dev, doc_mask=variant == "distillery_doc_mask")
+        step = run_distillery(s, dev, doc_mask=variant == "distillery_doc_mask",
+                              zero_stage=0 if variant == "distillery_zero0" else 3)
     bs = [b.to(dev) for b in batches(s)]
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     if gpu:
@@ -172,7 +219,7 @@ def main():
         print(json.dumps(measure(a.child, a.gpu)))
         return
     res = {}
-    for v in ("naive", "distillery", "distillery_doc_mask"):
+    for v in VARIANTS:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", v] + (["--gpu"] if a.gpu else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
@@ -182,8 +229,12 @@ def main():
               f"peak {res[v]['peak_gib']:.2f} GiB{' (RSS)' if not a.gpu else ''}", flush=True)
     n, d, m = res["naive"], res["distillery"], res["distillery_doc_mask"]
     print(json.dumps({"bench": "train_step", "device": "cuda" if a.gpu else "cpu", **shapes(a.gpu),
-                      "doc_len": DOC_LEN, "naive": n, "distillery": d, "distillery_doc_mask": m,
+                      "doc_len": DOC_LEN, **res,
                       "tokens_per_s_ratio": round(d["tokens_per_s"] / n["tokens_per_s"], 3),
+                      # the decomposition of the gap: our micro-step + fused head without DeepSpeed, then DeepSpeed's
+                      # engine with nothing partitioned, then ZeRO-3 (each vs the naive loop's tokens/s)
+                      "fused_torch_ratio": round(res["fused_torch"]["tokens_per_s"] / n["tokens_per_s"], 3),
+                      "zero0_ratio": round(res["distillery_zero0"]["tokens_per_s"] / n["tokens_per_s"], 3),
                       "peak_mem_ratio": round(d["peak_gib"] / n["peak_gib"], 3),
                       "doc_mask_step_time_ratio": round(m["step_ms"] / d["step_ms"], 3)}))
 
