@@ -147,6 +147,9 @@ def check_data(cfg):
         raise DataError(f"eval set(s) {', '.join(missing)} not in {eval_dir} (it has: {', '.join(streams)}); "
                         f"fix eval_sets= or build them with data_prep")
     cfg.eval_sets = list(cfg.eval_sets) or streams
+    if cfg.export and not os.path.isdir(os.path.join(cfg.data, "tokenizer")):
+        raise DataError(f"data set {cfg.data} has no tokenizer/: the exported student would have none and could not "
+                        f"serve as a teacher; copy the tokenizer into {cfg.data}/tokenizer, or set export=false")
     return index
 
 
@@ -322,9 +325,10 @@ def train(run):
             results = evaluate(run)
             cbs("on_eval", ctx, step=done, results=results)
             ctx.log(done, results)
-        if is_save:
+        if done == ctx.end_step:
+            guard.at_end()  # a run that mostly skipped its updates fails here, before its last checkpoint
+        if is_save and (guard.streak == 0 or done == ctx.end_step):  # no checkpoint in a run of skipped steps
             guard.saved(done, save(run, done))
-    guard.at_end()
     return ctx.end_step
 
 
@@ -375,10 +379,9 @@ def main(argv=None):
     with RunLock(cfg.run_dir) if rank == 0 else contextlib.nullcontext():  # one writer per run directory
         changes = resume.check(cfg)   # a rerun / resume that would mix two experiments stops here, nothing written
         check_data_files(cfg)
-        if rank == 0:
-            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
         run = start(plan, rank, world)
-        if rank == 0:
+        if rank == 0:  # only once the checkpoint (if any) is loaded: a refused resume leaves config.yaml as it was
+            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             resume.record(cfg, changes, run.ctx.start_step)
         try:
             finish(run, train(run))

@@ -46,7 +46,9 @@ class Guard:
                                 f"(non-finite: {terms})")
 
     def saved(self, step, path):
-        self.last_good = f"{path} (resume={path})"
+        """A checkpoint was written; it is a good one only outside a run of skipped steps."""
+        if self.streak == 0:
+            self.last_good = f"{path} (resume={path})"
 
     def metrics(self):
         return {"train/skipped_steps": self.skipped}
