@@ -23,7 +23,6 @@ import importlib.util
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -160,15 +159,7 @@ def main():
     if a.child:
         print(json.dumps(measure(a.child, a.gpu)))
         return
-    res = {}
-    for v in VARIANTS:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", v] + (["--gpu"] if a.gpu else [])
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise SystemExit(f"{v} failed:\n{p.stderr[-3000:]}")
-        res[v] = json.loads(p.stdout.strip().splitlines()[-1])
-        print(f"{v:<16} {res[v]['step_ms']:>10.1f} ms/step {res[v]['tokens_per_s']:>10,} tok/s "
-              f"peak {res[v]['peak_gib']:.2f} GiB{' (RSS)' if not a.gpu else ''}", flush=True)
+    res = ts.run_variants(__file__, VARIANTS, a.gpu)
     lm, on = res["lm_only"]["step_ms"], res["online_kd"]["step_ms"]
     out = {"bench": "cached_step", "device": "cuda" if a.gpu else "cpu", **ts.shapes(a.gpu), "k": K,
            "alpha": ALPHA, **res, "online_over_lm": round(on / lm, 3)}

@@ -210,23 +210,30 @@ def measure(variant, gpu):
                 peak_gib=round(peak, 3), final_loss=round(float(loss), 4))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.child:  # one variant per fresh process: clean peak memory, no DeepSpeed state shared between variants
-        print(json.dumps(measure(a.child, a.gpu)))
-        return
+def run_variants(script, variants, gpu):
+    """Each variant in a fresh child process of `script` (`--child NAME`): clean peak memory, no DeepSpeed state
+    shared between variants. Prints one line per variant; returns {variant: its measure() dict}."""
     res = {}
-    for v in VARIANTS:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", v] + (["--gpu"] if a.gpu else [])
+    for v in variants:
+        cmd = [sys.executable, os.path.abspath(script), "--child", v] + (["--gpu"] if gpu else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             raise SystemExit(f"{v} failed:\n{p.stderr[-3000:]}")
         res[v] = json.loads(p.stdout.strip().splitlines()[-1])
         print(f"{v:<20} {res[v]['step_ms']:>10.1f} ms/step {res[v]['tokens_per_s']:>10,} tok/s "
-              f"peak {res[v]['peak_gib']:.2f} GiB{' (RSS)' if not a.gpu else ''}", flush=True)
+              f"peak {res[v]['peak_gib']:.2f} GiB{' (RSS)' if not gpu else ''}", flush=True)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(measure(a.child, a.gpu)))
+        return
+    res = run_variants(__file__, VARIANTS, a.gpu)
     n, d, m = res["naive"], res["distillery"], res["distillery_doc_mask"]
     print(json.dumps({"bench": "train_step", "device": "cuda" if a.gpu else "cpu", **shapes(a.gpu),
                       "doc_len": DOC_LEN, **res,
