@@ -80,6 +80,12 @@ def resolve(args):
     cfg = load_config(args.config, args.overrides)
     ds_base = load_ds_config(args.ds_config)
     index = check_data(cfg)
+    if cfg.compute_match:  # an alpha = 0 baseline at the FLOPs of a distilled run (student + teacher forward)
+        student = cfg.student_init or hf_config(cfg.student, index["vocab_size"], cfg.seq_len)
+        cfg.train_tokens, teacher, tokens = compute_match_budget(cfg, student)
+        if rank_world()[0] == 0:
+            print(f"note: compute_match: {tokens:,} distilled tokens with teacher {teacher} -> train_tokens="
+                  f"{cfg.train_tokens:,} for this baseline")
     total_steps = cfg.train_tokens // (cfg.global_batch_size * cfg.seq_len)
     if total_steps < 1:
         raise ConfigError(f"train_tokens={cfg.train_tokens} is less than one global batch "
@@ -87,12 +93,6 @@ def resolve(args):
     if cfg.student_init:
         check_model_dir(cfg.student_init, index, who="student_init")
     cfg.attn_impl = attn_implementation(cfg.attn_impl, cfg.doc_mask)  # the kernel this run uses, in config.yaml
-    if cfg.compute_match:  # an alpha = 0 baseline at the FLOPs of a distilled run (student + teacher forward)
-        student = cfg.student_init or hf_config(cfg.student, index["vocab_size"], cfg.seq_len)
-        cfg.train_tokens, teacher, tokens = compute_match_budget(cfg, student)
-        if rank_world()[0] == 0:
-            print(f"note: compute_match: {tokens:,} distilled tokens with teacher {teacher} -> train_tokens="
-                  f"{cfg.train_tokens:,} for this baseline")
     if cfg.doc_mask and index.get("eos_id") is None:
         raise DataError(f"doc_mask=true needs the data's EOS id, and {cfg.data}/index.json has none; rebuild the "
                         f"data with data_prep, or set doc_mask=false")

@@ -271,3 +271,26 @@ def test_resume_applies_a_changed_lr_and_records_it(data_dir, tmp_path):
     hist = [json.loads(x) for x in open(tmp_path / "lr" / "config_history.jsonl")]
     assert hist == [{"time": hist[0]["time"], "resumed_at_step": 3,
                      "changes": {"max_steps": {"old": 3, "new": 2}, "lr": {"old": 3e-3, "new": 1e-3}}}]
+
+
+def test_compute_ledger_and_compute_matched_baseline(kd_run, data_dir, teacher_dir, tmp_path):
+    """The distilled run logs its FLOPs (student training + teacher forward, distillery/flops.py, checked against a
+    hand count in tests/test_flops.py) and exports them; an alpha = 0 baseline with compute_match=<that run> trains
+    for the token budget whose FLOPs equal the distilled run's, within one optimizer step's worth."""
+    from distillery import flops
+    m, _ = read_metrics(kd_run)
+    student = str(kd_run / "export")
+    tokens = 10 * 8 * 64
+    assert m[10]["compute/student_flops"] == flops.student_train_flops(student, tokens, 64)
+    assert m[10]["compute/teacher_flops"] == flops.teacher_forward_flops(teacher_dir, tokens, 64)
+    assert m[5]["compute/tokens"] == 5 * 8 * 64
+    total = m[10]["compute/total_flops"]
+    assert flops.read_export_compute(student)["flops"]["total"] == total
+    run_inprocess(data_dir, tmp_path, "name=cm", "alpha=0", f"compute_match={kd_run}", SEED, "callbacks=[]",
+                  "eval_interval=-1", "export=false")
+    b, _ = read_metrics(tmp_path / "cm")
+    last = b[max(b)]
+    step = flops.student_train_flops(student, 8 * 64, 64)
+    # the micro teacher is the student's size: its forward adds a third, 10 steps -> 13 (6656 tokens)
+    assert max(b) == 13 and abs(last["compute/total_flops"] - total) <= step
+    assert last["compute/teacher_flops"] == 0
