@@ -22,6 +22,12 @@ def init_distributed():
     from deepspeed.utils import logger as ds_logger
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU backend compiles a shared-memory all-reduce op (used only by its inference all_reduce; we
+        # reduce through gloo) under a torch_extensions file lock: a minute on a fresh machine, and a process killed
+        # while it holds the lock leaves every later launch waiting forever. Skip it.
+        import deepspeed.comm.torch as ds_torch_comm
+        ds_torch_comm.build_shm_op = lambda: None
     ds_logger.setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
