@@ -3,13 +3,17 @@
 an error. Inside a window every token but the first is a target (W - 1 targets per window), predicted from the tokens
 before it in the same window; windows do not see each other.
 
-The core is model-agnostic: `loss_fn(input_ids [b, W]) -> (ce_sum, n_targets)` tensors. On a live ZeRO-3 engine every
+The core is model-agnostic: `loss_fn(input_ids [b, W]) -> (ce_sum, n_targets)` tensors, or `(ce_sum, n_targets,
+entropy_sum)` to also report the model's mean predictive entropy over the same targets (nats; the paper's entropy
+analysis measures it on fixed text, so students and their alpha = 0 baselines compare on equal tokens). On a live ZeRO-3 engine every
 rank must run the same number of forwards (peers_and_pitfalls.md trap 5), so windows are dealt round-robin and ranks
 with fewer windows run a dummy forward whose result is discarded. Sums are reduced in float64.
 
 Standalone, on a Hugging Face model directory or one of our run directories (its export/):
     python -m eval.ppl --model runs/<name> --data data/offline --sets heldout ood_english [--window 4096]
     python -m eval.ppl --model <hf_dir> --data <data_dir> --sets all --out ppl.json
+    python -m eval.ppl --model runs/<name> --sets all --window 256 --max_windows 32 --entropy \
+        --out runs/<name>/eval/ppl.json        # eval.report reads the entropies from here
 """
 import argparse
 import math
@@ -38,33 +42,39 @@ def _windowed_sums(loss_fn, tokens, window, max_windows, batch_size, rank, world
     mine = wins[rank::world]
     per_rank = math.ceil(len(wins) / world)
     n_batches = math.ceil(per_rank / batch_size)
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # ce_sum, n_targets, entropy_sum
+    has_entropy = None
     for b in range(n_batches):
         chunk = mine[b * batch_size:(b + 1) * batch_size]
         real = len(chunk) > 0
         x = torch.from_numpy(chunk if real else wins[:1]).to(device)  # dummy forward keeps ranks in lockstep
-        ce_sum, n = loss_fn(x)
+        out = loss_fn(x)
+        has_entropy = len(out) == 3
         if real:
-            total += torch.stack([torch.as_tensor(ce_sum, device=device).double(),
-                                  torch.as_tensor(n, dtype=torch.float64, device=device)])
+            total += torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                                  for v in (*out, *(() if has_entropy else (0.0,)))])
     if world > 1:
         dist.all_reduce(total)
-    return total[0].item(), total[1].item(), len(wins)
+    return total[0].item(), total[1].item(), len(wins), total[2].item() if has_entropy else None
 
 
 @torch.no_grad()
 def windowed_ce(loss_fn, tokens, window=DEFAULT_WINDOW, max_windows=DEFAULT_MAX_WINDOWS, batch_size=1, rank=0, world=1,
                 device="cpu"):
     """Mean token CE over the windows (a float, identical on all ranks)."""
-    ce, n, _ = _windowed_sums(loss_fn, tokens, window, max_windows, batch_size, rank, world, device)
+    ce, n, _, _ = _windowed_sums(loss_fn, tokens, window, max_windows, batch_size, rank, world, device)
     return ce / n
 
 
 def windowed_eval(loss_fn, tokens, window=DEFAULT_WINDOW, max_windows=DEFAULT_MAX_WINDOWS, batch_size=1, rank=0,
                   world=1, device="cpu"):
-    """{'ce', 'ppl', 'windows', 'targets', 'window'} for one token set (identical on all ranks)."""
-    ce, n, n_win = _windowed_sums(loss_fn, tokens, window, max_windows, batch_size, rank, world, device)
-    return {"ce": ce / n, "ppl": math.exp(ce / n), "windows": n_win, "targets": int(n), "window": window}
+    """{'ce', 'ppl', 'windows', 'targets', 'window'} for one token set (identical on all ranks), plus 'entropy' (mean
+    nats per target) when loss_fn returns an entropy sum."""
+    ce, n, n_win, ent = _windowed_sums(loss_fn, tokens, window, max_windows, batch_size, rank, world, device)
+    out = {"ce": ce / n, "ppl": math.exp(ce / n), "windows": n_win, "targets": int(n), "window": window}
+    if ent is not None:
+        out["entropy"] = ent / n
+    return out
 
 
 def evaluate_sets(loss_fn, sets, window=DEFAULT_WINDOW, max_windows=DEFAULT_MAX_WINDOWS, batch_size=1, rank=0,
@@ -74,9 +84,10 @@ def evaluate_sets(loss_fn, sets, window=DEFAULT_WINDOW, max_windows=DEFAULT_MAX_
             for name in sorted(sets)}
 
 
-def hf_loss_fn(model):
+def hf_loss_fn(model, entropy=False):
     """loss_fn for a Hugging Face causal LM (plain or ZeRO-3 partitioned): CE of tokens 1..W-1 of each window, summed
-    in fp32 from the model's logits."""
+    in fp32 from the model's logits; with entropy=True also the sum of H(p) = -sum_v p_v log p_v over the same
+    positions (the full softmax, padded vocab rows included: they are part of what the model predicts)."""
     from distillery.loss_parts import IGNORE_INDEX, shift_targets
 
     def fn(x):
@@ -84,7 +95,11 @@ def hf_loss_fn(model):
         y = shift_targets(x)                                                 # [b, W], last position ignored
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
                              reduction="sum")
-        return ce, int((y != IGNORE_INDEX).sum())
+        keep = y != IGNORE_INDEX
+        if not entropy:
+            return ce, int(keep.sum())
+        logp = F.log_softmax(logits[keep], dim=-1)                           # [n, V]
+        return ce, int(keep.sum()), -(logp.exp() * logp).sum()
     return fn
 
 
@@ -147,6 +162,7 @@ def main(argv=None):
     ap.add_argument("--batch_size", type=int, default=1)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="fp32", choices=sorted(common.DTYPES))
+    ap.add_argument("--entropy", action="store_true", help="also the mean predictive entropy per set (nats)")
     ap.add_argument("--out", default=None, help="write the results here as JSON")
     a = ap.parse_args(argv)
     data = a.data or common.data_dir_from_run(a.model)
@@ -160,11 +176,12 @@ def main(argv=None):
         print(f"warning: window {a.window} > the model's max_position_embeddings {max_pos}", file=sys.stderr)
     sets = common.load_sets(data, a.sets)
     t0 = time.time()
-    res = evaluate_sets(hf_loss_fn(model), sets, a.window, a.max_windows, a.batch_size, device=device)
+    res = evaluate_sets(hf_loss_fn(model, a.entropy), sets, a.window, a.max_windows, a.batch_size, device=device)
     out = {"model": common.resolve_model_dir(a.model), "data": data, "window": a.window,
            "max_windows": a.max_windows, "dtype": a.dtype, "sets": res, "seconds": round(time.time() - t0, 2)}
     for name, r in res.items():
-        print(f"{name:<20} ppl {r['ppl']:10.4f}  ce {r['ce']:.5f}  windows {r['windows']}  targets {r['targets']}")
+        ent = f"  entropy {r['entropy']:.5f}" if "entropy" in r else ""
+        print(f"{name:<20} ppl {r['ppl']:10.4f}  ce {r['ce']:.5f}{ent}  windows {r['windows']}  targets {r['targets']}")
     if a.out:
         common.write_json(a.out, out)
     return out

@@ -18,7 +18,10 @@ PPL change % per seed = (PPL_distilled / PPL_baseline(same seed) - 1) x 100; rep
 (sample std / sqrt(n), blank for n < 2) over seeds. "ood_mean" is, per seed, the mean change over every eval set but
 the in-domain one (`--in-domain`, default heldout), then mean +- s.e. over seeds.
 Final numbers: <run>/eval/final.json ("ppl": {set: {"ppl" | "ce"}}) when present, else the last eval record of
-metrics.jsonl ("eval/<set>/ppl", or exp of "eval/<set>/loss"). Entropy: the last "entropy/student" of metrics.jsonl.
+metrics.jsonl ("eval/<set>/ppl", or exp of "eval/<set>/loss"). Entropy change, student - its token-matched
+baseline, on the in-domain text: the "entropy" of <run>/eval/ppl.json (`python -m eval.ppl --entropy`, the paper's
+analysis on fixed text) when both runs have it, else their last logged "entropy/student" (training batches; a run
+without a teacher logs none).
 Compute: the last "compute/total_flops" of metrics.jsonl. Teacher size: parameters of <teacher>/config.json; teacher
 tokens: <teacher>/distillery_compute.json "tokens", else the train_tokens of <teacher>/distillery_config.yaml.
 See docs/compute.md.
@@ -116,6 +119,30 @@ def final_ppl(run_dir, records):
     return {}, None
 
 
+def text_entropy(run_dir):
+    """{set: mean predictive entropy} from <run>/eval/ppl.json (written by `python -m eval.ppl --entropy`)."""
+    path = os.path.join(run_dir, "eval", "ppl.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            sets = (json.load(f) or {}).get("sets") or {}
+    except (json.JSONDecodeError, AttributeError):
+        raise EvalError(f"{path} is not an eval.ppl JSON; rerun `python -m eval.ppl --entropy --out {path}` or "
+                        f"delete it") from None
+    return {k: float(v["entropy"]) for k, v in sets.items() if isinstance(v, dict) and v.get("entropy") is not None}
+
+
+def entropy_pair(d, b, in_domain):
+    """(student entropy, baseline entropy, source) on the same footing, or (None, None, None): the in-domain text
+    entropies when both runs have them, else both runs' last logged entropy/student."""
+    if in_domain in d["text_entropy"] and in_domain in b["text_entropy"]:
+        return d["text_entropy"][in_domain], b["text_entropy"][in_domain], f"{in_domain} text (eval/ppl.json)"
+    if d["entropy"] is not None and b["entropy"] is not None:
+        return d["entropy"], b["entropy"], "training batches (last entropy/student)"
+    return None, None, None
+
+
 def _last(records, key):
     for r in reversed(records):
         if r.get(key) is not None:
@@ -124,7 +151,8 @@ def _last(records, key):
 
 
 def load_run(run_dir):
-    """One run: its config, role, final PPL per eval set, last entropy/student, last compute/* record."""
+    """One run: its config, role, final PPL per eval set, last entropy/student, entropies on eval text
+    (eval/ppl.json), last compute/* record."""
     cfg_path, met_path = os.path.join(run_dir, "config.yaml"), os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(met_path):
         raise EvalError(f"{run_dir} has no metrics.jsonl; train that run first or leave it out")
@@ -146,6 +174,7 @@ def load_run(run_dir):
             "role": role, "alpha": alpha, "seed": cfg.get("seed"), "teacher": str(cfg.get("teacher") or ""),
             "compute_match": cm, "ppl": ppl, "source": source,
             "entropy": None if ent is None else float(ent["entropy/student"]),
+            "text_entropy": text_entropy(run_dir),
             "flops": None if comp is None else float(comp["compute/total_flops"])}
 
 
@@ -315,14 +344,33 @@ def summarize(runs, in_domain="heldout", by=(), teacher_roots=()):
                     "ref_flops_mean": sum(rfl) / len(rfl) if len(rfl) == len(pairs) else None})
             if ref_kind == "token":
                 for i, (seed, d, b) in enumerate(pairs):
+                    hd, hb, src = entropy_pair(d, b, in_domain)
                     per_student.append({"run": d["dir"], "group": _group_label(key, by), "seed": seed,
-                                        "entropy_change": None if d["entropy"] is None or b["entropy"] is None
-                                        else d["entropy"] - b["entropy"],
-                                        "entropy": d["entropy"], "baseline_entropy": b["entropy"],
+                                        "entropy_change": None if hd is None else hd - hb,
+                                        "entropy": hd, "baseline_entropy": hb, "entropy_source": src,
                                         **{f"change/{s}": ch[s][i] for s in ch}})
+    paired = {b["dir"] for b in token_ref.values()} | {b["dir"] for b in compute_ref.values()}
+    unpaired = [r["dir"] for r in runs if r["role"] != "distilled" and r["dir"] not in paired]
     return {"runs": runs, "rows": rows, "students": per_student, "teachers": teachers, "notes": notes,
+            "unpaired_baselines": unpaired, "entropy": entropy_rows(per_student),
             "in_domain": in_domain, "by": list(by), "token_ref": token_ref, "compute_ref": compute_ref,
             "best_alpha": best_alpha(rows)}
+
+
+def entropy_rows(students):
+    """Per group: entropy change (student - baseline, nats) and in-domain PPL change, mean +- s.e. over seeds."""
+    out = {}
+    for s in students:
+        if s["entropy_change"] is not None:
+            out.setdefault(s["group"], []).append(s)
+    rows = []
+    for g, st in out.items():
+        m, se = mean_se([s["entropy_change"] for s in st])
+        rows.append({"group": g, "n": len(st), "entropy_change_mean": m, "entropy_change_se": se,
+                     "student_entropy_mean": sum(s["entropy"] for s in st) / len(st),
+                     "baseline_entropy_mean": sum(s["baseline_entropy"] for s in st) / len(st),
+                     "source": "; ".join(sorted({s["entropy_source"] for s in st}))})
+    return rows
 
 
 def _seed_order(s):
@@ -347,8 +395,8 @@ def best_alpha(rows):
 
 
 # ---------------------------------------------------------------------------- output
-def _fmt_pm(m, se, n):
-    return f"{m:+.2f}" + ("" if math.isnan(se) else f" ± {se:.2f}") + f" (n={n})"
+def _fmt_pm(m, se, n, fmt="{:+.2f}"):
+    return fmt.format(m) + ("" if math.isnan(se) else " ± " + fmt.format(se).lstrip("+")) + f" (n={n})"
 
 
 def _num(v):
@@ -369,13 +417,14 @@ def write_csv(path, rows):
 def write_students_csv(path, summary):
     cols = ["run", "role", "name", "teacher", "alpha", "seed", "source", "entropy_student", "total_flops"]
     sets = sorted({s for r in summary["runs"] for s in r["ppl"]})
+    tsets = sorted({s for r in summary["runs"] for s in r["text_entropy"]})
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(cols + [f"ppl/{s}" for s in sets])
+    w.writerow(cols + [f"ppl/{s}" for s in sets] + [f"entropy/{s}" for s in tsets])
     for r in summary["runs"]:
         w.writerow([r["dir"], ROLES[r["role"]], r["name"], r["teacher"] if r["role"] == "distilled" else "", r["alpha"],
                     r["seed"], r["source"], _num(r["entropy"]), _num(r["flops"])]
-                   + [_num(r["ppl"].get(s)) for s in sets])
+                   + [_num(r["ppl"].get(s)) for s in sets] + [_num(r["text_entropy"].get(s)) for s in tsets])
     write_text(path, buf.getvalue())
 
 
@@ -466,7 +515,8 @@ def plots(summary, out):
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=g)
         ax.axhline(0, color="k", lw=0.5)
         ax.axvline(0, color="k", lw=0.5)
-        ax.set(xlabel="entropy change (nats, student - baseline, last logged entropy/student)",
+        src = "; ".join(sorted({s["entropy_source"] for s in st}))
+        ax.set(xlabel=f"entropy change (nats, student - baseline)\n{src}",
                ylabel=f"PPL change % ({key.split('/', 1)[1]})", title="entropy vs PPL change, one point per student")
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -487,7 +537,9 @@ def markdown(summary, figs):
            f"{len(summary['runs'])} evaluated runs: "
            + ", ".join(f"{sum(r['role'] == k for r in summary['runs'])} {v}" for k, v in
                        (("distilled", "distilled"), ("token", "token-matched baselines (alpha = 0)"),
-                        ("compute", "compute-matched baselines (compute_match)"))) + ".\n",
+                        ("compute", "compute-matched baselines (compute_match)")))
+           + (f"; {len(summary['unpaired_baselines'])} of the alpha = 0 runs pair with no distilled run (e.g. the "
+              f"teachers)" if summary["unpaired_baselines"] else "") + ".\n",
            "PPL change % = (PPL_distilled / PPL_baseline - 1) x 100 for each seed against the baseline of the same "
            "seed, then mean ± standard error (sample std / sqrt(n)) over seeds; negative is better. "
            f"`{OOD}`: per seed, the mean change over every eval set but `{ind}`.\n"]
@@ -538,14 +590,21 @@ def markdown(summary, figs):
                    f"\nGain vs {label}: not plotted (no teacher with a known {label.split()[1]}).\n")
     out.append("\n## Entropy change vs PPL change\n")
     st = summary["students"]
+    if summary["entropy"]:
+        body = [[e["group"], _fmt_pm(e["entropy_change_mean"], e["entropy_change_se"], e["n"], "{:+.4f}"),
+                 f"{e['student_entropy_mean']:.4f}", f"{e['baseline_entropy_mean']:.4f}", e["source"]]
+                for e in summary["entropy"]]
+        out.append("Mean predictive entropy (nats) of each distilled student minus its token-matched baseline's "
+                   "(same seed), mean ± s.e. over seeds; positive = the student is less confident.\n"
+                   + _table(["teacher, alpha", "entropy change", "student", "baseline", "measured on"], body) + "\n")
     if "entropy_vs_ppl" in figs:
-        out.append(f"One point per distilled student: last logged `entropy/student` minus its baseline's.\n\n"
-                   f"![entropy vs PPL change]({figs['entropy_vs_ppl']})\n")
+        out.append(f"\nOne point per distilled student.\n\n![entropy vs PPL change]({figs['entropy_vs_ppl']})\n")
     elif st and any(s["baseline_entropy"] is None for s in st):
-        out.append("Skipped: the token-matched baselines log no `entropy/student` (a run without a teacher computes "
-                   "no KD diagnostics). For entropies on fixed text use `python -m eval.logit_analysis`.\n")
+        out.append("Skipped for some students: no entropy on the same footing for them and their baselines. Write "
+                   "it on fixed text with `python -m eval.ppl --model <run> --entropy --out <run>/eval/ppl.json` "
+                   "(the same window and sets as the run's eval) for every run, baselines included.\n")
     else:
-        out.append("Skipped: the distilled runs log no `entropy/student` (enable the `entropy` callback).\n")
+        out.append("Skipped: the distilled runs have no entropy (eval/ppl.json or the `entropy` callback).\n")
     out.append("\n## Runs\n")
     sets = sorted({s for r in summary["runs"] for s in r["ppl"]})
     body = [[r["dir"], ROLES[r["role"]], _num(r["alpha"]), _num(r["seed"]), r["source"]]

@@ -10,8 +10,10 @@ the study's teachers stand against its 1.7B / 50B student (Chinchilla's fit, Hof
 trained longer, and one of the student's size with fewer tokens. Then for seeds 43 and 44: the alpha = 0 baseline,
 the student distilled from each teacher at alpha 0.2 and 0.5, and for each teacher a compute-matched baseline
 (alpha = 0 with compute_match= the alpha 0.2 run: the same FLOPs, student training + teacher forward). Finished runs
-(an export/ exists) are skipped, so the command resumes. Ends with `python -m eval.report` into docs/results/mini-grid/
-and runs/mini/timing.json (wall time of the runs this invocation made).
+(an export/ exists) are skipped, so the command resumes. Then every student's export is scored on the run's eval
+windows with `python -m eval.ppl --entropy` (<run>/eval/ppl.json: the mean predictive entropy on fixed text, the
+paper's entropy analysis; its PPL must equal the in-loop final eval's) and `python -m eval.report` writes
+docs/results/mini-grid/. runs/mini/timing.json keeps each run's wall time (merged over invocations).
 """
 import argparse
 import json
@@ -19,6 +21,8 @@ import os
 import subprocess
 import sys
 import time
+
+import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -86,11 +90,39 @@ def main(argv=None):
     if a.dry_run:
         return None
     if times:
-        os.makedirs(OUT, exist_ok=True)
-        write_json(os.path.join(OUT, "timing.json"), {"seconds": round(time.time() - t0, 1), "runs": times,
-                                                      "cpus": os.cpu_count()})
+        path = os.path.join(OUT, "timing.json")
+        old = read_json(path) if os.path.isfile(path) else {}
+        runs = {**old.get("runs", {}), **times}
+        write_json(path, {"seconds": round(sum(runs.values()), 1), "runs": runs, "cpus": os.cpu_count(),
+                          "invocations": old.get("invocations", []) + [round(time.time() - t0, 1)]})
+    if not a.report_only:
+        text_entropies([n for n, _, _ in plan() if n not in {f"mini/{t}" for t in TEACHERS}])
     from eval import report
     return report.main([OUT, "--out", a.out])
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def text_entropies(names):
+    """<run>/eval/ppl.json for each finished student: eval.ppl --entropy on the run's own eval windows and sets, and
+    a check that its PPL reproduces the in-loop final eval from the export (the same windows, fp32)."""
+    from eval import ppl
+    for name in names:
+        d = os.path.join("runs", name)
+        out = os.path.join(d, "eval", "ppl.json")
+        if os.path.isfile(out) or not finished(name):
+            continue
+        with open(os.path.join(d, "config.yaml")) as f:
+            cfg = yaml.safe_load(f)
+        res = ppl.main(["--model", d, "--data", cfg["data"], "--sets", "all", "--window", str(cfg["eval_window"]),
+                        "--max_windows", str(cfg["eval_max_windows"]), "--entropy", "--device", "cpu", "--out", out])
+        final = read_json(os.path.join(d, "eval", "final.json"))["ppl"]
+        for s, r in res["sets"].items():
+            if abs(r["ce"] - final[s]["ce"]) > 1e-4:
+                raise SystemExit(f"error: {name} {s}: export CE {r['ce']:.6f} != in-loop final {final[s]['ce']:.6f}")
 
 
 if __name__ == "__main__":

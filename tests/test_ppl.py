@@ -66,6 +66,27 @@ def test_matches_hand_computation(tiny):
         ppl.windowed_eval(ppl.hf_loss_fn(model), toks[:W - 1], W, 256)
 
 
+def test_entropy_matches_float64(tiny):
+    """--entropy: the mean of H(p) = -sum p log p over the same targets as the PPL, against a float64 copy scored
+    window by window; asking for it leaves ce/ppl unchanged; without it there is no 'entropy' key."""
+    tok, model = tiny
+    W = 32
+    toks = np.random.default_rng(3).integers(0, len(tok), 3 * W + 5)
+    m64 = T.tiny_llama(seed=0, vocab_size=model.config.vocab_size).double()
+    m64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    h, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(3):
+            logp = torch.log_softmax(m64(input_ids=torch.tensor(toks[i * W:(i + 1) * W])[None]).logits[0], -1)
+            h -= (logp.exp() * logp).sum(-1)[:W - 1].sum().item()     # positions 0..W-2 predict tokens 1..W-1
+            count += W - 1
+    plain = ppl.windowed_eval(ppl.hf_loss_fn(model), toks, W, 256, batch_size=2)
+    got = ppl.windowed_eval(ppl.hf_loss_fn(model, entropy=True), toks, W, 256, batch_size=2)
+    assert "entropy" not in plain and got["targets"] == count
+    assert got["entropy"] == pytest.approx(h / count, rel=1e-5)
+    assert got["ce"] == plain["ce"] and got["ppl"] == plain["ppl"]
+
+
 def test_engine_loss_fn_same_targets(tiny):
     """The trainer's engine interface (input = window[:-1], targets = window[1:]) gives the same numbers as feeding
     whole windows to the Hugging Face model."""

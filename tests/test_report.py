@@ -143,8 +143,9 @@ def test_report_numbers_match_hand_computation(tmp_path):
         assert (out / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()
     assert "-3.50 ± 1.50 (n=2)" in md  # t1, alpha 0.5, heldout vs token-matched
-    assert "Skipped: the token-matched baselines log no `entropy/student`" in md
+    assert "Skipped for some students: no entropy on the same footing" in md
     assert not (out / "entropy_vs_ppl.png").exists()
+    assert summary["unpaired_baselines"] == [] and "pair with no distilled run" not in md
 
 
 def test_entropy_plot_when_baselines_log_entropy(tmp_path):
@@ -156,6 +157,44 @@ def test_entropy_plot_when_baselines_log_entropy(tmp_path):
     assert st[("t1 a=0.5", 44)]["entropy_change"] == pytest.approx(0.74)
     assert st[("t1 a=0.5", 44)]["change/ood_mean"] == pytest.approx(-5.0)
     assert (out / "entropy_vs_ppl.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _write_text_entropy(run, entropies):
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "ppl.json").write_text(json.dumps({"sets": {k: {"ppl": 1.0, "ce": 0.0, "entropy": v}
+                                                                for k, v in entropies.items()}}))
+
+
+def test_text_entropy_preferred_and_table(tmp_path):
+    """Entropies on eval text (eval/ppl.json, `eval.ppl --entropy`) win over logged entropy/student when both the
+    student and its baseline have them; the table's mean +- s.e. match a hand computation; an alpha = 0 run that
+    pairs with nothing (a teacher) is counted apart."""
+    grid = make_grid(tmp_path, baseline_entropy={43: 3.1, 44: 3.2})
+    for s, hb in ((43, 4.0), (44, 4.2)):
+        _write_text_entropy(grid / f"alpha0-s{s}", {"heldout": hb, "ood_a": 9.0})
+        _write_text_entropy(grid / f"t1-a0.5-s{s}", {"heldout": hb + (0.3 if s == 43 else 0.1)})
+    write_run(tmp_path, "teacher", {"alpha": 0.0, "student": "tiny-teacher"}, BASE[43], 42, via_final=True)
+    out = tmp_path / "rep"
+    summary = report.main([str(grid), "--out", str(out)])
+    st = {(s["group"], s["seed"]): s for s in summary["students"]}
+    assert st[("t1 a=0.5", 43)]["entropy_change"] == pytest.approx(0.3)
+    assert st[("t1 a=0.5", 43)]["entropy_source"] == "heldout text (eval/ppl.json)"
+    # t1 alpha 0.2 has no eval/ppl.json: both runs' logged entropies (3.0 + 0.2 + 0.43 - 3.1)
+    assert st[("t1 a=0.2", 43)]["entropy_change"] == pytest.approx(0.53)
+    assert st[("t1 a=0.2", 43)]["entropy_source"] == "training batches (last entropy/student)"
+    ent = {e["group"]: e for e in summary["entropy"]}
+    assert ent["t1 a=0.5"]["entropy_change_mean"] == pytest.approx(0.2)      # (0.3 + 0.1) / 2
+    assert ent["t1 a=0.5"]["entropy_change_se"] == pytest.approx(0.1)        # |0.3 - 0.1| / 2
+    assert ent["t1 a=0.5"]["baseline_entropy_mean"] == pytest.approx(4.1)
+    assert summary["unpaired_baselines"] == [str(tmp_path / "runs" / "grid" / "teacher")]
+    md = (out / "report.md").read_text()
+    assert "+0.2000 ± 0.1000 (n=2)" in md and "1 of the alpha = 0 runs pair with no distilled run" in md
+    with open(out / "students.csv") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert float(rows["grid/alpha0-s44"]["entropy/heldout"]) == 4.2 and rows["grid/t1-a0.2-s43"]["entropy/ood_a"] == ""
+    (grid / "alpha0-s43" / "eval" / "ppl.json").write_text("{not json")
+    with pytest.raises(EvalError, match="is not an eval.ppl JSON"):
+        report.main([str(grid), "--out", str(out)])
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):

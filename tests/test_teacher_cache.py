@@ -227,3 +227,14 @@ def test_trainer_refuses_a_mismatched_cache(small, topk_cache, tmp_path):
         train.resolve(train.parse_args(["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={small / 'data'}",
                                         f"out_dir={tmp_path}", *BASE, "alpha=0.5", f"teacher_cache={topk_cache}"]))
     assert "\n" not in str(e.value) and not os.listdir(tmp_path)
+    # teacher= names a model that exists here but did not make the cache: refused, naming both
+    other = tmp_path.parent / (tmp_path.name + "-other-teacher")
+    other.mkdir()
+    conf = json.load(open(small / "teacher" / "config.json"))
+    json.dump({**conf, "num_hidden_layers": conf["num_hidden_layers"] + 1}, open(other / "config.json", "w"))
+    argv = ["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={small / 'data'}", f"out_dir={tmp_path}", *BASE,
+            "alpha=0.5", "temperature=2", f"teacher_cache={topk_cache}"]
+    with pytest.raises(DistilleryError, match="whose config differs") as e:
+        train.resolve(train.parse_args([*argv, f"teacher={other}"]))
+    assert "\n" not in str(e.value) and not os.listdir(tmp_path)
+    assert train.resolve(train.parse_args([*argv, f"teacher={small / 'teacher'}"])).cache is not None

@@ -1,0 +1,198 @@
+"""Issue 13's experiment: one teacher and one alpha of the offline setting, distilled online, from a top-k cache and
+from a sampled cache (the same K), 2 seeds; held-out and out-of-domain PPL side by side with each run's wall time and
+teacher FLOPs (docs/results/teacher-cache.md says what was chosen and why).
+
+    python scripts/cache_study.py                 # every step not finished yet, then the tables (resumes)
+    python scripts/cache_study.py --report-only   # just the tables from what has finished
+    python scripts/cache_study.py --dry-run       # the commands, nothing run
+
+Steps: the offline teacher (configs/offline/teacher.yaml: tiny-teacher, 400k tokens, alpha = 0, seed 42); a top-k
+and a sampled cache of it over the whole training split (`python -m data_prep.teacher_cache`, K = --k, one process);
+then for seeds 43 and 44 the offline student (configs/offline/student_kd.yaml: tiny-student, 400k tokens, alpha 0.2)
+trained online, from the top-k cache (renorm, and tail: both read the same cache), from the sampled cache, and its
+alpha = 0 baseline (configs/offline/student_baseline.yaml). Everything lands in runs/cache-study/; the tables go to
+--out (markdown + JSON) and `python -m eval.report` adds the paired PPL changes vs the baseline.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from distillery import flops  # noqa: E402
+from distillery.atomic import write_json, write_text  # noqa: E402
+from distillery.errors import cli  # noqa: E402
+from distillery.launch import free_port  # noqa: E402
+
+OUT = "runs/cache-study"
+SEEDS = (43, 44)
+TEACHER = f"{OUT}/teacher"
+# variant: (config, overrides given the cache dirs) -- the student's own config stays the offline one
+VARIANTS = {
+    "baseline": ("configs/offline/student_baseline.yaml", lambda c: []),
+    "online": ("configs/offline/student_kd.yaml", lambda c: [f"teacher={TEACHER}/export"]),
+    # teacher= too: no teacher is loaded, but the trainer checks it made the cache and the report groups by it
+    "topk-renorm": ("configs/offline/student_kd.yaml",
+                    lambda c: [f"teacher={TEACHER}/export", f"teacher_cache={c['topk']}", "teacher_cache_mode=renorm"]),
+    "topk-tail": ("configs/offline/student_kd.yaml",
+                  lambda c: [f"teacher={TEACHER}/export", f"teacher_cache={c['topk']}", "teacher_cache_mode=tail"]),
+    "sampled": ("configs/offline/student_kd.yaml", lambda c: [f"teacher={TEACHER}/export", f"teacher_cache={c['sampled']}"]),
+}
+
+
+def caches(k):
+    return {"topk": f"{OUT}/cache-topk{k}", "sampled": f"{OUT}/cache-sampled{k}"}
+
+
+def finished(run_dir):
+    return os.path.isfile(os.path.join(run_dir, "export", "config.json"))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def launch(config, over, name):
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+            "train.py", "--ds_config", "ds_configs/cpu.json", "--config", config, *over, f"name={name}", "out_dir=runs"]
+
+
+def steps(k):
+    """[(kind, key, output dir, command)] in dependency order."""
+    c = caches(k)
+    out = [("teacher", "teacher", TEACHER, launch("configs/offline/teacher.yaml", [], TEACHER[len("runs/"):]))]
+    for method in ("topk", "sampled"):
+        out.append(("cache", method, c[method],
+                    [sys.executable, "-m", "data_prep.teacher_cache", "--teacher", f"{TEACHER}/export", "--data",
+                     "data/offline", "--out", c[method], "--k", str(k), "--method", method, "--seed", "0"]))
+    for s in SEEDS:
+        for v, (config, over) in VARIANTS.items():
+            name = f"{OUT[len('runs/'):]}/{v}-s{s}"
+            out.append(("student", v, f"runs/{name}", launch(config, [f"seed={s}", *over(c)], name)))
+    return out
+
+
+def done(kind, path):
+    return os.path.isfile(os.path.join(path, "index.json")) if kind == "cache" else finished(path)
+
+
+def mean_se(xs):
+    from eval.report import mean_se as ms
+    m, se = ms(xs)
+    return m, se
+
+
+def fmt(m, se, f="{:.2f}"):
+    return f.format(m) + ("" if se != se else " ± " + f.format(se))
+
+
+def tables(k, timing):
+    """The side-by-side numbers: per variant mean ± s.e. over seeds of PPL per eval set, PPL change vs online
+    (paired by seed), wall time, teacher FLOPs in the run and the one-time cache cost."""
+    c = caches(k)
+    tcfg = read_json(f"{TEACHER}/export/config.json")
+    gen = {}
+    for m, d in c.items():
+        if not os.path.isfile(os.path.join(d, "index.json")):
+            continue
+        idx = read_json(os.path.join(d, "index.json"))
+        gen[m] = {"tokens": idx["tokens"], "bytes": idx["bytes"], "bytes_per_token": idx["bytes_per_token"],
+                  "teacher_flops": flops.teacher_forward_flops(tcfg, idx["tokens"], idx["seq_len"]),
+                  "seconds": timing.get(f"cache:{m}")}
+    runs = {}
+    for s in SEEDS:
+        for v in VARIANTS:
+            d = f"{OUT}/{v}-s{s}"
+            if not finished(d):
+                continue
+            recs = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+            comp = next(r for r in reversed(recs) if "compute/teacher_flops" in r)
+            tps = [r["perf/tokens_per_s"] for r in recs if r.get("perf/tokens_per_s")]
+            runs[(v, s)] = {"ppl": {n: x["ppl"] for n, x in read_json(os.path.join(d, "eval", "final.json"))["ppl"]
+                                    .items()},
+                            "teacher_flops": comp["compute/teacher_flops"], "student_flops": comp["compute/student_flops"],
+                            "tokens_per_s": sum(tps) / len(tps), "seconds": timing.get(f"student:{v}-s{s}")}
+    sets = sorted({n for r in runs.values() for n in r["ppl"]}, key=lambda n: (n != "heldout", n))
+    rows = []
+    for v in VARIANTS:
+        rs = [(s, runs[(v, s)]) for s in SEEDS if (v, s) in runs]
+        if not rs:
+            continue
+        row = {"variant": v, "n": len(rs), "seeds": [s for s, _ in rs]}
+        for n in sets:
+            row[f"ppl/{n}"] = mean_se([r["ppl"][n] for _, r in rs])
+            on = [(r["ppl"][n], runs[("online", s)]["ppl"][n]) for s, r in rs if ("online", s) in runs]
+            if on and v != "online":
+                row[f"vs_online/{n}"] = mean_se([100 * (a / b - 1) for a, b in on])
+        row["teacher_flops_in_run"] = sum(r["teacher_flops"] for _, r in rs) / len(rs)
+        row["student_flops"] = sum(r["student_flops"] for _, r in rs) / len(rs)
+        row["tokens_per_s"] = mean_se([r["tokens_per_s"] for _, r in rs])
+        secs = [r["seconds"] for _, r in rs if r["seconds"] is not None]
+        row["seconds"] = mean_se(secs) if secs else None
+        row["cache"] = gen.get("topk" if v.startswith("topk") else "sampled") if v not in ("online", "baseline") else None
+        rows.append(row)
+    return {"k": k, "sets": sets, "rows": rows, "caches": gen, "teacher_config": f"{TEACHER}/export/config.json"}
+
+
+def markdown(t):
+    sets = t["sets"]
+    head = ["variant", "n"] + [f"PPL {n}" for n in sets] + [f"vs online {n} %" for n in sets] + [
+        "wall s / run", "tok/s", "teacher FLOPs in the run", "one-time cache: teacher FLOPs, s, bytes"]
+    body = []
+    for r in t["rows"]:
+        cache = r["cache"]
+        body.append([r["variant"], str(r["n"])] + [fmt(*r[f"ppl/{n}"]) for n in sets]
+                    + [fmt(*r[f"vs_online/{n}"], "{:+.2f}") if f"vs_online/{n}" in r else "-" for n in sets]
+                    + [fmt(*r["seconds"], "{:.0f}") if r["seconds"] else "-", fmt(*r["tokens_per_s"], "{:.0f}"),
+                       f"{r['teacher_flops_in_run']:.3g}",
+                       "-" if cache is None else f"{cache['teacher_flops']:.3g}, "
+                       f"{'-' if cache['seconds'] is None else round(cache['seconds'])}, {cache['bytes'] / 1e9:.2f} GB"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(b) + " |" for b in body]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--k", type=int, default=12, help="cache entries per position, both methods")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--out", default="docs/results/teacher-cache", help="where the tables go")
+    a = ap.parse_args(argv)
+    os.chdir(REPO)
+    if not os.path.isfile("data/offline/index.json") and not (a.report_only or a.dry_run):
+        subprocess.run([sys.executable, "-m", "data_prep.offline", "--out", "data/offline", "--vocab_size", "2048",
+                        "--seq_len", "128"], check=True)
+    tpath = os.path.join(OUT, "timing.json")
+    timing = read_json(tpath) if os.path.isfile(tpath) else {}
+    todo = [] if a.report_only else [st for st in steps(a.k) if not done(st[0], st[2])]
+    for i, (kind, key, path, cmd) in enumerate(todo):
+        print(f"[cache-study {i + 1}/{len(todo)}] {kind} {path}", flush=True)
+        if a.dry_run:
+            print("  " + " ".join(cmd))
+            continue
+        t = time.time()
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"error: {path} failed; fix it and rerun the same command (finished steps are skipped)")
+        timing[f"{kind}:{key if kind != 'student' else os.path.basename(path)}"] = round(time.time() - t, 1)
+        os.makedirs(OUT, exist_ok=True)
+        write_json(tpath, {**timing, "cpus": os.cpu_count()})
+    if a.dry_run:
+        return None
+    t = tables(a.k, timing)
+    os.makedirs(a.out, exist_ok=True)
+    write_json(os.path.join(a.out, "tables.json"), t)
+    write_text(os.path.join(a.out, "table.md"), markdown(t))
+    print(markdown(t))
+    from eval import report
+    students = [f"{OUT}/{v}-s{s}" for v in VARIANTS for s in SEEDS if finished(f"{OUT}/{v}-s{s}")]
+    if any(v != "baseline" for v in VARIANTS if finished(f"{OUT}/{v}-s{SEEDS[0]}")):
+        report.main([*students, "--out", a.out, "--by", "teacher_cache", "--by", "teacher_cache_mode"])
+    return t
+
+
+if __name__ == "__main__":
+    cli(main)
