@@ -22,7 +22,9 @@ metrics.jsonl ("eval/<set>/ppl", or exp of "eval/<set>/loss"). Entropy change, s
 baseline, on the in-domain text: the "entropy" of <run>/eval/ppl.json (`python -m eval.ppl --entropy`, the paper's
 analysis on fixed text) when both runs have it, else their last logged "entropy/student" (training batches; a run
 without a teacher logs none).
-Compute: the last "compute/total_flops" of metrics.jsonl. Teacher size: parameters of <teacher>/config.json; teacher
+Compute: the last "compute/run_flops" of metrics.jsonl (student training + teacher forward, what compute_match equals),
+or "compute/total_flops" (+ the teacher's amortised pretraining) where the compute-matched baseline was matched with
+compute_match_pretrain=true; a run that logs only total_flops is read from that. Teacher size: parameters of <teacher>/config.json; teacher
 tokens: <teacher>/distillery_compute.json "tokens", else the train_tokens of <teacher>/distillery_config.yaml.
 See docs/compute.md.
 """
@@ -166,7 +168,7 @@ def load_run(run_dir):
     records = read_jsonl(met_path)
     ppl, source = final_ppl(run_dir, records)
     ent = _last(records, "entropy/student")
-    comp = _last(records, "compute/total_flops")
+    comp = _last(records, "compute/total_flops") or {}
     alpha = float(cfg["alpha"])
     cm = cfg.get("compute_match")
     role = "compute" if cm not in (None, "", False) else "token" if alpha == 0 else "distilled"
@@ -175,7 +177,12 @@ def load_run(run_dir):
             "compute_match": cm, "ppl": ppl, "source": source,
             "entropy": None if ent is None else float(ent["entropy/student"]),
             "text_entropy": text_entropy(run_dir),
-            "flops": None if comp is None else float(comp["compute/total_flops"])}
+            "flops": _float(comp.get("compute/total_flops")),
+            "run_flops": _float(comp.get("compute/run_flops", comp.get("compute/total_flops")))}
+
+
+def _float(v):
+    return None if v is None else float(v)
 
 
 def teacher_dir(run, roots=()):
@@ -326,8 +333,12 @@ def summarize(runs, in_domain="heldout", by=(), teacher_roots=()):
             ood = [s for s in sets if s != in_domain]
             if ood:
                 ch[OOD] = [sum(ch[s][i] for s in ood) / len(ood) for i in range(len(pairs))]
-            fl = [d["flops"] for _, d, _ in pairs if d["flops"] is not None]
-            rfl = [b["flops"] for _, _, b in pairs if b["flops"] is not None]
+            # like with like: what the compute-matched baseline was matched on (run FLOPs unless it counted the
+            # teacher's pretraining too)
+            fk = "flops" if ref_kind == "compute" and any(b["cfg"].get("compute_match_pretrain") for _, _, b in pairs) \
+                else "run_flops"
+            fl = [d[fk] for _, d, _ in pairs if d[fk] is not None]
+            rfl = [b[fk] for _, _, b in pairs if b[fk] is not None]
             t = teachers[key[0]]
             for s in sets + ([OOD] if ood else []):
                 m, se = mean_se(ch[s])
@@ -340,7 +351,7 @@ def summarize(runs, in_domain="heldout", by=(), teacher_roots=()):
                     "ppl_mean": None if s == OOD else sum(d["ppl"][s] for _, d, _ in pairs) / len(pairs),
                     "ref_ppl_mean": None if s == OOD else sum(b["ppl"][s] for _, _, b in pairs) / len(pairs),
                     "ppl_change_pct_mean": m, "ppl_change_pct_se": se, "changes": ch[s],
-                    "flops_mean": sum(fl) / len(fl) if len(fl) == len(pairs) else None,
+                    "flops_kind": fk, "flops_mean": sum(fl) / len(fl) if len(fl) == len(pairs) else None,
                     "ref_flops_mean": sum(rfl) / len(rfl) if len(rfl) == len(pairs) else None})
             if ref_kind == "token":
                 for i, (seed, d, b) in enumerate(pairs):
@@ -415,7 +426,7 @@ def write_csv(path, rows):
 
 
 def write_students_csv(path, summary):
-    cols = ["run", "role", "name", "teacher", "alpha", "seed", "source", "entropy_student", "total_flops"]
+    cols = ["run", "role", "name", "teacher", "alpha", "seed", "source", "entropy_student", "run_flops", "total_flops"]
     sets = sorted({s for r in summary["runs"] for s in r["ppl"]})
     tsets = sorted({s for r in summary["runs"] for s in r["text_entropy"]})
     buf = io.StringIO()
@@ -423,7 +434,7 @@ def write_students_csv(path, summary):
     w.writerow(cols + [f"ppl/{s}" for s in sets] + [f"entropy/{s}" for s in tsets])
     for r in summary["runs"]:
         w.writerow([r["dir"], ROLES[r["role"]], r["name"], r["teacher"] if r["role"] == "distilled" else "", r["alpha"],
-                    r["seed"], r["source"], _num(r["entropy"]), _num(r["flops"])]
+                    r["seed"], r["source"], _num(r["entropy"]), _num(r["run_flops"]), _num(r["flops"])]
                    + [_num(r["ppl"].get(s)) for s in sets] + [_num(r["text_entropy"].get(s)) for s in tsets])
     write_text(path, buf.getvalue())
 
@@ -561,6 +572,13 @@ def markdown(summary, figs):
                                if (c := cells.get((g, s))) else "-" for s in sets]
                         + [_flops_cell(any_r)])
         out.append(_table(["teacher, alpha"] + sets + ["FLOPs distilled / baseline"], body))
+        kinds = {r["flops_kind"] for r in rs if r["flops_mean"] is not None}
+        if kinds:
+            out.append("\nFLOPs: " + " and ".join(sorted(
+                {"run_flops": "student training + teacher forward (`compute/run_flops`)",
+                 "flops": "student training + teacher forward + the teacher's amortised pretraining "
+                          "(`compute/total_flops`, the baselines set compute_match_pretrain)"}[k] for k in kinds))
+                       + "; the ratio is the baseline's share of the distilled run's.\n")
         if f"ppl_change_{ref}" in figs:
             out.append(f"\n![PPL change vs {title}]({figs[f'ppl_change_{ref}']})\n")
     out.append("\n## Best alpha per teacher (lowest mean PPL change)\n")
@@ -618,7 +636,7 @@ def markdown(summary, figs):
 def _flops_cell(r):
     if r["flops_mean"] is None or r["ref_flops_mean"] is None:
         return "-"
-    return f"{r['flops_mean']:.3g} / {r['ref_flops_mean']:.3g} ({r['ref_flops_mean'] / r['flops_mean']:.3f}x)"
+    return f"{r['flops_mean']:.3g} / {r['ref_flops_mean']:.3g} (baseline {r['ref_flops_mean'] / r['flops_mean']:.3f}x)"
 
 
 def build_report(run_dirs, out, in_domain="heldout", by=(), teacher_roots=()):

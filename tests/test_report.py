@@ -116,6 +116,7 @@ def test_report_numbers_match_hand_computation(tmp_path):
         assert got[k]["n"] == 2 and got[k]["seeds"] == "43 44"
     assert ("compute", t2, 0.5, "heldout") not in got  # nothing compute-matched to teacher t2
     assert got[("token", t1, 0.5, "heldout")]["ppl_mean"] == pytest.approx((20 * 0.95 + 25 * 0.98) / 2)
+    # runs that log only total_flops are read from it
     assert got[("compute", t1, 0.5, "heldout")]["flops_mean"] == 1.0e12
     assert got[("compute", t1, 0.5, "heldout")]["ref_flops_mean"] == 2.0e12
     # teachers: micro at V = 512 has 139584 parameters (test_flops.py, by hand); t1's tokens from its
@@ -195,6 +196,26 @@ def test_text_entropy_preferred_and_table(tmp_path):
     (grid / "alpha0-s43" / "eval" / "ppl.json").write_text("{not json")
     with pytest.raises(EvalError, match="is not an eval.ppl JSON"):
         report.main([str(grid), "--out", str(out)])
+
+
+def test_flops_compare_like_with_like(tmp_path):
+    """The FLOPs columns show run FLOPs (student + teacher forward: what compute_match equals), not total_flops with
+    the teacher's amortised pretraining, unless the compute-matched baseline set compute_match_pretrain."""
+    grid = make_grid(tmp_path)
+    for s in SEEDS:
+        for run, run_f, total_f in ((f"t1-a0.5-s{s}", 1.0e12, 1.5e12), (f"cm-t1-s{s}", 1.0e12, 1.0e12)):
+            with open(grid / run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": 3, "compute/run_flops": run_f, "compute/total_flops": total_f}) + "\n")
+    got = rows_of(report.main([str(grid), "--out", str(tmp_path / "rep")]))
+    r = got[("compute", TEACHER["t1"], 0.5, "heldout")]
+    assert (r["flops_kind"], r["flops_mean"], r["ref_flops_mean"]) == ("run_flops", 1.0e12, 1.0e12)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "1e+12 / 1e+12 (baseline 1.000x)" in md and "(`compute/run_flops`)" in md
+    for s in SEEDS:
+        cfg = yaml.safe_load((grid / f"cm-t1-s{s}" / "config.yaml").read_text())
+        (grid / f"cm-t1-s{s}" / "config.yaml").write_text(yaml.safe_dump({**cfg, "compute_match_pretrain": True}))
+    r = rows_of(report.main([str(grid), "--out", str(tmp_path / "rep")]))[("compute", TEACHER["t1"], 0.5, "heldout")]
+    assert (r["flops_kind"], r["flops_mean"], r["ref_flops_mean"]) == ("flops", 1.5e12, 1.0e12)
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
