@@ -56,6 +56,11 @@ def write_json(path, obj, indent=1):
     write_text(path, json.dumps(obj, indent=indent))
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def append_jsonl(path, record):
     """One JSON object per line, appended (a line is written with one write call, so readers never see half)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

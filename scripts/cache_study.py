@@ -14,7 +14,6 @@ alpha = 0 baseline (configs/offline/student_baseline.yaml). Everything lands in 
 --out (markdown + JSON) and `python -m eval.report` adds the paired PPL changes vs the baseline.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,9 +22,11 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from distillery import flops  # noqa: E402
-from distillery.atomic import write_json, write_text  # noqa: E402
+from distillery.atomic import read_json, read_jsonl, write_json, write_text  # noqa: E402
 from distillery.errors import cli  # noqa: E402
 from distillery.launch import free_port  # noqa: E402
+from eval import report  # noqa: E402
+from eval.report import mean_se  # noqa: E402
 
 OUT = "runs/cache-study"
 SEEDS = (43, 44)
@@ -49,11 +50,6 @@ def caches(k):
 
 def finished(run_dir):
     return os.path.isfile(os.path.join(run_dir, "export", "config.json"))
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def launch(config, over, name):
@@ -80,12 +76,6 @@ def done(kind, path):
     return os.path.isfile(os.path.join(path, "index.json")) if kind == "cache" else finished(path)
 
 
-def mean_se(xs):
-    from eval.report import mean_se as ms
-    m, se = ms(xs)
-    return m, se
-
-
 def fmt(m, se, f="{:.2f}"):
     return f.format(m) + ("" if se != se else " ± " + f.format(se))
 
@@ -109,7 +99,7 @@ def tables(k, timing):
             d = f"{OUT}/{v}-s{s}"
             if not finished(d):
                 continue
-            recs = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+            recs = read_jsonl(os.path.join(d, "metrics.jsonl"))
             comp = next(r for r in reversed(recs) if "compute/teacher_flops" in r)
             tps = [r["perf/tokens_per_s"] for r in recs if r.get("perf/tokens_per_s")]
             runs[(v, s)] = {"ppl": {n: x["ppl"] for n, x in read_json(os.path.join(d, "eval", "final.json"))["ppl"]
@@ -187,7 +177,6 @@ def main(argv=None):
     write_json(os.path.join(a.out, "tables.json"), t)
     write_text(os.path.join(a.out, "table.md"), markdown(t))
     print(markdown(t))
-    from eval import report
     students = [f"{OUT}/{v}-s{s}" for v in VARIANTS for s in SEEDS if finished(f"{OUT}/{v}-s{s}")]
     if any(v != "baseline" for v in VARIANTS if finished(f"{OUT}/{v}-s{SEEDS[0]}")):
         report.main([*students, "--out", a.out, "--by", "teacher_cache", "--by", "teacher_cache_mode"])

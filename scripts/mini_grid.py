@@ -16,7 +16,6 @@ paper's entropy analysis; its PPL must equal the in-loop final eval's) and `pyth
 docs/results/mini-grid/. runs/mini/timing.json keeps each run's wall time (merged over invocations).
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from distillery.atomic import write_json  # noqa: E402
+from distillery.atomic import read_json, write_json  # noqa: E402
 from distillery.errors import cli  # noqa: E402
 from distillery.launch import free_port  # noqa: E402
 
@@ -99,11 +98,6 @@ def main(argv=None):
         text_entropies([n for n, _, _ in plan() if n not in {f"mini/{t}" for t in TEACHERS}])
     from eval import report
     return report.main([OUT, "--out", a.out])
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def text_entropies(names):
