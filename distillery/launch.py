@@ -1,4 +1,5 @@
 """Process-group start-up shared by train.py, the benchmarks, the tests and the sweeps."""
+import importlib
 import logging
 import os
 import socket
@@ -26,8 +27,9 @@ def init_distributed():
         # DeepSpeed's CPU backend compiles a shared-memory all-reduce op (used only by its inference all_reduce; we
         # reduce through gloo) under a torch_extensions file lock: a minute on a fresh machine, and a process killed
         # while it holds the lock leaves every later launch waiting forever. Skip it.
-        import deepspeed.comm.torch as ds_torch_comm
-        ds_torch_comm.build_shm_op = lambda: None
+        # (by module name: the attribute deepspeed.comm.torch is the torch package itself, re-exported by
+        # deepspeed.comm's star import, so `import deepspeed.comm.torch as m` would patch torch instead)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     ds_logger.setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
