@@ -8,6 +8,13 @@ ENTROPY_NAMES = {"student_entropy": "entropy/student", "teacher_entropy": "entro
                  "top1_agree": "entropy/top1_agreement", "teacher_p_true": "entropy/teacher_p_true"}
 
 
+
+def _cache_kind(cfg):
+    from distillery.teacher_cache import read_cache_index
+    ix = read_cache_index(cfg.teacher_cache)
+    return (f"top-{ix['k']}, {cfg.teacher_cache_mode}" if ix["method"] == "topk" else
+            f"{ix['k']} samples, unbiased")
+
 @register("callback", "entropy")
 class Entropy(Callback):
     """Student/teacher entropy, KL(t||s), top-1 agreement, teacher p(true): token means over the log interval."""
@@ -31,7 +38,7 @@ class Progress(Callback):
             kd = (f"alpha={cfg.alpha} {cfg.mix}/{cfg.divergence} T={cfg.temperature}, teacher {cfg.teacher}"
                   if ctx.teacher is not None else
                   f"alpha={cfg.alpha} {cfg.mix} T={cfg.temperature}, teacher cache {cfg.teacher_cache} "
-                  f"({cfg.teacher_cache_mode})" if cfg.alpha and cfg.teacher_cache else "no teacher (alpha = 0)")
+                  f"({_cache_kind(cfg)})" if cfg.alpha and cfg.teacher_cache else "no teacher (alpha = 0)")
             mask = "document-masked" if cfg.doc_mask else "one causal sequence per row"
             print(f"[{cfg.name}] {cfg.student} {kd}: steps {ctx.start_step}->{ctx.total_steps}, "
                   f"{cfg.global_batch_size}x{cfg.seq_len} tokens/step ({mask}, attention {cfg.attn_impl})", flush=True)

@@ -77,7 +77,7 @@ def done(kind, path):
 
 
 def fmt(m, se, f="{:.2f}"):
-    return f.format(m) + ("" if se != se else " ± " + f.format(se))
+    return f.format(m) + ("" if se != se else " ± " + f.format(se).lstrip("+"))
 
 
 def tables(k, timing):

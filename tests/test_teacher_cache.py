@@ -192,7 +192,7 @@ def test_one_rank_equals_two_ranks(small):
     assert a == b and ia["files"] == ib["files"]
 
 
-def test_training_from_a_full_cache_matches_online_step_for_step(small, tmp_path):
+def test_training_from_a_full_cache_matches_online_step_for_step(small, tmp_path, capsys):
     """teacher_cache= in the trainer: with K = the vocabulary, a top-k cache carries the teacher's whole distribution,
     so 3 optimizer steps distilled from it give the losses of 3 steps with the live teacher (fp32 rounding), and the
     run loads no teacher and counts no teacher FLOPs. A sampled cache trains too (its KD is an unbiased estimate)."""
@@ -214,7 +214,10 @@ def test_training_from_a_full_cache_matches_online_step_for_step(small, tmp_path
     assert cached[3]["compute/teacher_flops"] == 0 and online[3]["compute/teacher_flops"] > 0
     sampled = tmp_path / "c-sampled"
     gen.main(args(small, sampled, method="sampled", k=8))
-    run_inprocess(str(small / "data"), tmp_path, "name=sampled", f"teacher_cache={sampled}", *common)
+    capsys.readouterr()
+    run_inprocess(str(small / "data"), tmp_path, "name=sampled", f"teacher_cache={sampled}", *common,
+                  "callbacks=[progress]")
+    assert f"teacher cache {sampled} (8 samples, unbiased)" in capsys.readouterr().out
     m, _ = read_metrics(tmp_path / "sampled")
     assert all(np.isfinite(m[s]["loss/kd"]) and m[s]["loss/kd"] > 0 for s in (1, 2, 3))
 
