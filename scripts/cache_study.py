@@ -5,6 +5,7 @@ teacher FLOPs (docs/results/teacher-cache.md says what was chosen and why).
     python scripts/cache_study.py                 # every step not finished yet, then the tables (resumes)
     python scripts/cache_study.py --report-only   # just the tables from what has finished
     python scripts/cache_study.py --dry-run       # the commands, nothing run
+    python scripts/cache_study.py --topk_sweep 32 64   # + top-k renorm at k = 32, 64 from one K = 64 cache
 
 Steps: the offline teacher (configs/offline/teacher.yaml: tiny-teacher, 400k tokens, alpha = 0, seed 42); a top-k
 and a sampled cache of it over the whole training split (`python -m data_prep.teacher_cache`, K = --k, one process);
@@ -31,21 +32,33 @@ from eval.report import mean_se  # noqa: E402
 OUT = "runs/cache-study"
 SEEDS = (43, 44)
 TEACHER = f"{OUT}/teacher"
-# variant: (config, overrides given the cache dirs) -- the student's own config stays the offline one
-VARIANTS = {
-    "baseline": ("configs/offline/student_baseline.yaml", lambda c: []),
-    "online": ("configs/offline/student_kd.yaml", lambda c: [f"teacher={TEACHER}/export"]),
-    # teacher= too: no teacher is loaded, but the trainer checks it made the cache and the report groups by it
-    "topk-renorm": ("configs/offline/student_kd.yaml",
-                    lambda c: [f"teacher={TEACHER}/export", f"teacher_cache={c['topk']}", "teacher_cache_mode=renorm"]),
-    "topk-tail": ("configs/offline/student_kd.yaml",
-                  lambda c: [f"teacher={TEACHER}/export", f"teacher_cache={c['topk']}", "teacher_cache_mode=tail"]),
-    "sampled": ("configs/offline/student_kd.yaml", lambda c: [f"teacher={TEACHER}/export", f"teacher_cache={c['sampled']}"]),
-}
+BASE, KD = "configs/offline/student_baseline.yaml", "configs/offline/student_kd.yaml"
 
 
-def caches(k):
-    return {"topk": f"{OUT}/cache-topk{k}", "sampled": f"{OUT}/cache-sampled{k}"}
+def caches(k, sweep=()):
+    """{cache key: dir}: the K-entry top-k and sampled caches, and for --topk_sweep one top-k cache of the largest k
+    (a top-k cache serves every smaller k exactly: teacher_cache_k=)."""
+    out = {"topk": f"{OUT}/cache-topk{k}", "sampled": f"{OUT}/cache-sampled{k}"}
+    if sweep and max(sweep) != k:
+        out["topk-sweep"] = f"{OUT}/cache-topk{max(sweep)}"
+    return out
+
+
+def variants(k, sweep=()):
+    """{variant: (config, overrides, cache key or None)}; the student's own config stays the offline one. Cached
+    variants name teacher= too: no teacher is loaded, but the trainer checks it made the cache and the report groups
+    by it."""
+    c, t = caches(k, sweep), f"teacher={TEACHER}/export"
+    out = {"baseline": (BASE, [], None), "online": (KD, [t], None),
+           "topk-renorm": (KD, [t, f"teacher_cache={c['topk']}", "teacher_cache_mode=renorm"], "topk"),
+           "topk-tail": (KD, [t, f"teacher_cache={c['topk']}", "teacher_cache_mode=tail"], "topk"),
+           "sampled": (KD, [t, f"teacher_cache={c['sampled']}"], "sampled")}
+    for kk in sweep:
+        if kk != k:
+            key = "topk-sweep" if "topk-sweep" in c else "topk"
+            out[f"topk-renorm-k{kk}"] = (KD, [t, f"teacher_cache={c[key]}", "teacher_cache_mode=renorm",
+                                              f"teacher_cache_k={kk}"], key)
+    return out
 
 
 def finished(run_dir):
@@ -57,18 +70,18 @@ def launch(config, over, name):
             "train.py", "--ds_config", "ds_configs/cpu.json", "--config", config, *over, f"name={name}", "out_dir=runs"]
 
 
-def steps(k):
+def steps(k, sweep=()):
     """[(kind, key, output dir, command)] in dependency order."""
-    c = caches(k)
     out = [("teacher", "teacher", TEACHER, launch("configs/offline/teacher.yaml", [], TEACHER[len("runs/"):]))]
-    for method in ("topk", "sampled"):
-        out.append(("cache", method, c[method],
-                    [sys.executable, "-m", "data_prep.teacher_cache", "--teacher", f"{TEACHER}/export", "--data",
-                     "data/offline", "--out", c[method], "--k", str(k), "--method", method, "--seed", "0"]))
+    for key, d in caches(k, sweep).items():
+        method, kk = ("sampled", k) if key == "sampled" else ("topk", max(sweep) if key == "topk-sweep" else k)
+        out.append(("cache", key, d, [sys.executable, "-m", "data_prep.teacher_cache", "--teacher", f"{TEACHER}/export",
+                                      "--data", "data/offline", "--out", d, "--k", str(kk), "--method", method,
+                                      "--seed", "0"]))
     for s in SEEDS:
-        for v, (config, over) in VARIANTS.items():
+        for v, (config, over, _) in variants(k, sweep).items():
             name = f"{OUT[len('runs/'):]}/{v}-s{s}"
-            out.append(("student", v, f"runs/{name}", launch(config, [f"seed={s}", *over(c)], name)))
+            out.append(("student", v, f"runs/{name}", launch(config, [f"seed={s}", *over], name)))
     return out
 
 
@@ -80,10 +93,10 @@ def fmt(m, se, f="{:.2f}"):
     return f.format(m) + ("" if se != se else " ± " + f.format(se).lstrip("+"))
 
 
-def tables(k, timing):
+def tables(k, timing, sweep=()):
     """The side-by-side numbers: per variant mean ± s.e. over seeds of PPL per eval set, PPL change vs online
     (paired by seed), wall time, teacher FLOPs in the run and the one-time cache cost."""
-    c = caches(k)
+    c, vs = caches(k, sweep), variants(k, sweep)
     tcfg = read_json(f"{TEACHER}/export/config.json")
     gen = {}
     for m, d in c.items():
@@ -92,10 +105,10 @@ def tables(k, timing):
         idx = read_json(os.path.join(d, "index.json"))
         gen[m] = {"tokens": idx["tokens"], "bytes": idx["bytes"], "bytes_per_token": idx["bytes_per_token"],
                   "teacher_flops": flops.teacher_forward_flops(tcfg, idx["tokens"], idx["seq_len"]),
-                  "seconds": timing.get(f"cache:{m}")}
+                  "k": idx["k"], "method": idx["method"], "seconds": timing.get(f"cache:{m}")}
     runs = {}
     for s in SEEDS:
-        for v in VARIANTS:
+        for v in vs:
             d = f"{OUT}/{v}-s{s}"
             if not finished(d):
                 continue
@@ -108,7 +121,7 @@ def tables(k, timing):
                             "tokens_per_s": sum(tps) / len(tps), "seconds": timing.get(f"student:{v}-s{s}")}
     sets = sorted({n for r in runs.values() for n in r["ppl"]}, key=lambda n: (n != "heldout", n))
     rows = []
-    for v in VARIANTS:
+    for v, (_, _, cache_key) in vs.items():
         rs = [(s, runs[(v, s)]) for s in SEEDS if (v, s) in runs]
         if not rs:
             continue
@@ -123,7 +136,7 @@ def tables(k, timing):
         row["tokens_per_s"] = mean_se([r["tokens_per_s"] for _, r in rs])
         secs = [r["seconds"] for _, r in rs if r["seconds"] is not None]
         row["seconds"] = mean_se(secs) if secs else None
-        row["cache"] = gen.get("topk" if v.startswith("topk") else "sampled") if v not in ("online", "baseline") else None
+        row["cache"] = gen.get(cache_key) if cache_key else None
         rows.append(row)
     return {"k": k, "sets": sets, "rows": rows, "caches": gen, "teacher_config": f"{TEACHER}/export/config.json"}
 
@@ -148,6 +161,8 @@ def markdown(t):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=12, help="cache entries per position, both methods")
+    ap.add_argument("--topk_sweep", type=int, nargs="*", default=[],
+                    help="also top-k renorm at these k, from one top-k cache of the largest (e.g. 32 64)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--out", default="docs/results/teacher-cache", help="where the tables go")
@@ -158,7 +173,7 @@ def main(argv=None):
                         "--seq_len", "128"], check=True)
     tpath = os.path.join(OUT, "timing.json")
     timing = read_json(tpath) if os.path.isfile(tpath) else {}
-    todo = [] if a.report_only else [st for st in steps(a.k) if not done(st[0], st[2])]
+    todo = [] if a.report_only else [st for st in steps(a.k, a.topk_sweep) if not done(st[0], st[2])]
     for i, (kind, key, path, cmd) in enumerate(todo):
         print(f"[cache-study {i + 1}/{len(todo)}] {kind} {path}", flush=True)
         if a.dry_run:
@@ -172,14 +187,16 @@ def main(argv=None):
         write_json(tpath, {**timing, "cpus": os.cpu_count()})
     if a.dry_run:
         return None
-    t = tables(a.k, timing)
+    t = tables(a.k, timing, a.topk_sweep)
     os.makedirs(a.out, exist_ok=True)
     write_json(os.path.join(a.out, "tables.json"), t)
     write_text(os.path.join(a.out, "table.md"), markdown(t))
     print(markdown(t))
-    students = [f"{OUT}/{v}-s{s}" for v in VARIANTS for s in SEEDS if finished(f"{OUT}/{v}-s{s}")]
-    if any(v != "baseline" for v in VARIANTS if finished(f"{OUT}/{v}-s{SEEDS[0]}")):
-        report.main([*students, "--out", a.out, "--by", "teacher_cache", "--by", "teacher_cache_mode"])
+    vs = variants(a.k, a.topk_sweep)
+    students = [f"{OUT}/{v}-s{s}" for v in vs for s in SEEDS if finished(f"{OUT}/{v}-s{s}")]
+    if any(v != "baseline" for v in vs if finished(f"{OUT}/{v}-s{SEEDS[0]}")):
+        report.main([*students, "--out", a.out, "--by", "teacher_cache", "--by", "teacher_cache_mode", "--by",
+                     "teacher_cache_k"])
     return t
 
 
