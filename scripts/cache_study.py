@@ -16,18 +16,15 @@ alpha = 0 baseline (configs/offline/student_baseline.yaml). Everything lands in 
 """
 import argparse
 import os
-import subprocess
 import sys
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from distillery import flops  # noqa: E402
-from distillery.atomic import read_json, read_jsonl, write_json, write_text  # noqa: E402
-from distillery.errors import cli  # noqa: E402
-from distillery.launch import free_port  # noqa: E402
-from eval import report  # noqa: E402
-from eval.report import mean_se  # noqa: E402
+from steps import REPO, ensure_offline_data, run_steps, train_cmd
+
+from distillery import flops
+from distillery.atomic import read_json, read_jsonl, write_json, write_text
+from distillery.errors import cli
+from eval import report
+from eval.report import mean_se
 
 OUT = "runs/cache-study"
 SEEDS = (43, 44)
@@ -65,14 +62,9 @@ def finished(run_dir):
     return os.path.isfile(os.path.join(run_dir, "export", "config.json"))
 
 
-def launch(config, over, name):
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
-            "train.py", "--ds_config", "ds_configs/cpu.json", "--config", config, *over, f"name={name}", "out_dir=runs"]
-
-
 def steps(k, sweep=()):
     """[(kind, key, output dir, command)] in dependency order."""
-    out = [("teacher", "teacher", TEACHER, launch("configs/offline/teacher.yaml", [], TEACHER[len("runs/"):]))]
+    out = [("teacher", "teacher", TEACHER, train_cmd("configs/offline/teacher.yaml", [], TEACHER[len("runs/"):]))]
     for key, d in caches(k, sweep).items():
         method, kk = ("sampled", k) if key == "sampled" else ("topk", max(sweep) if key == "topk-sweep" else k)
         out.append(("cache", key, d, [sys.executable, "-m", "data_prep.teacher_cache", "--teacher", f"{TEACHER}/export",
@@ -81,7 +73,7 @@ def steps(k, sweep=()):
     for s in SEEDS:
         for v, (config, over, _) in variants(k, sweep).items():
             name = f"{OUT[len('runs/'):]}/{v}-s{s}"
-            out.append(("student", v, f"runs/{name}", launch(config, [f"seed={s}", *over], name)))
+            out.append(("student", v, f"runs/{name}", train_cmd(config, [f"seed={s}", *over], name)))
     return out
 
 
@@ -168,26 +160,16 @@ def main(argv=None):
     ap.add_argument("--out", default="docs/results/teacher-cache", help="where the tables go")
     a = ap.parse_args(argv)
     os.chdir(REPO)
-    if not os.path.isfile("data/offline/index.json") and not (a.report_only or a.dry_run):
-        subprocess.run([sys.executable, "-m", "data_prep.offline", "--out", "data/offline", "--vocab_size", "2048",
-                        "--seq_len", "128"], check=True)
+    if not (a.report_only or a.dry_run):
+        ensure_offline_data()
     tpath = os.path.join(OUT, "timing.json")
-    timing = read_json(tpath) if os.path.isfile(tpath) else {}
-    todo = [] if a.report_only else [st for st in steps(a.k, a.topk_sweep) if not done(st[0], st[2])]
-    for i, (kind, key, path, cmd) in enumerate(todo):
-        print(f"[cache-study {i + 1}/{len(todo)}] {kind} {path}", flush=True)
-        if a.dry_run:
-            print("  " + " ".join(cmd))
-            continue
-        t = time.time()
-        if subprocess.run(cmd).returncode != 0:
-            raise SystemExit(f"error: {path} failed; fix it and rerun the same command (finished steps are skipped)")
-        timing[f"{kind}:{key if kind != 'student' else os.path.basename(path)}"] = round(time.time() - t, 1)
-        os.makedirs(OUT, exist_ok=True)
-        write_json(tpath, {**timing, "cpus": os.cpu_count()})
+    todo = [] if a.report_only else [(f"{kind}:{key if kind != 'student' else os.path.basename(path)}",
+                                      f"{kind} {path}", cmd)
+                                     for kind, key, path, cmd in steps(a.k, a.topk_sweep) if not done(kind, path)]
+    run_steps(todo, "cache-study", tpath, a.dry_run)
     if a.dry_run:
         return None
-    t = tables(a.k, timing, a.topk_sweep)
+    t = tables(a.k, read_json(tpath).get("runs", {}) if os.path.isfile(tpath) else {}, a.topk_sweep)
     os.makedirs(a.out, exist_ok=True)
     write_json(os.path.join(a.out, "tables.json"), t)
     write_text(os.path.join(a.out, "table.md"), markdown(t))

@@ -17,17 +17,12 @@ docs/results/mini-grid/. runs/mini/timing.json keeps each run's wall time (merge
 """
 import argparse
 import os
-import subprocess
-import sys
-import time
 
 import yaml
+from steps import REPO, ensure_offline_data, run_steps, train_cmd
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from distillery.atomic import read_json, write_json  # noqa: E402
-from distillery.errors import cli  # noqa: E402
-from distillery.launch import free_port  # noqa: E402
+from distillery.atomic import read_json
+from distillery.errors import cli
 
 # name: (preset, tokens, the study's teacher it stands for)
 TEACHERS = {
@@ -69,31 +64,13 @@ def main(argv=None):
     ap.add_argument("--out", default="docs/results/mini-grid", help="where the report goes")
     a = ap.parse_args(argv)
     os.chdir(REPO)
-    if not os.path.isfile("data/offline/index.json") and not (a.report_only or a.dry_run):
-        subprocess.run([sys.executable, "-m", "data_prep.offline", "--out", "data/offline", "--vocab_size", "2048",
-                        "--seq_len", "128"], check=True)
-    todo = [] if a.report_only else [r for r in plan() if not finished(r[0])]
-    t0, times = time.time(), {}
-    for i, (name, config, over) in enumerate(todo):
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
-               "train.py", "--ds_config", "ds_configs/cpu.json", "--config", config, *over, f"name={name}",
-               "out_dir=runs"]
-        print(f"[mini {i + 1}/{len(todo)}] {name}: {' '.join(over)}", flush=True)
-        if a.dry_run:
-            print("  " + " ".join(cmd))
-            continue
-        t = time.time()
-        if subprocess.run(cmd).returncode != 0:
-            raise SystemExit(f"error: run {name} failed; fix it and rerun the same command (finished runs are skipped)")
-        times[name] = round(time.time() - t, 1)
+    if not (a.report_only or a.dry_run):
+        ensure_offline_data()
+    todo = [] if a.report_only else [(name, f"{name}: {' '.join(over)}", train_cmd(config, over, name))
+                                     for name, config, over in plan() if not finished(name)]
+    run_steps(todo, "mini", os.path.join(OUT, "timing.json"), a.dry_run)
     if a.dry_run:
         return None
-    if times:
-        path = os.path.join(OUT, "timing.json")
-        old = read_json(path) if os.path.isfile(path) else {}
-        runs = {**old.get("runs", {}), **times}
-        write_json(path, {"seconds": round(sum(runs.values()), 1), "runs": runs, "cpus": os.cpu_count(),
-                          "invocations": old.get("invocations", []) + [round(time.time() - t0, 1)]})
     if not a.report_only:
         text_entropies([n for n, _, _ in plan() if n not in {f"mini/{t}" for t in TEACHERS}])
     from eval import report

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distillery import atomic, runlog  # noqa: E402
 from distillery.errors import cli  # noqa: E402
 from distillery.launch import free_port  # noqa: E402
+from eval.report import mean_se  # noqa: E402  (mean and standard error over seeds)
 
 
 def points(grid):
@@ -46,15 +47,6 @@ def final_losses(run_dir):
     if not os.path.isdir(os.path.join(run_dir, "export")) or not os.path.isfile(runlog.metrics_path(run_dir)):
         return None
     return runlog.final_losses(run_dir)
-
-
-def mean_se(xs):
-    n = len(xs)
-    m = sum(xs) / n
-    if n < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    return m, sd / math.sqrt(n)
 
 
 def summarize(sweep, pts, seeds, out_dir="runs"):
