@@ -1,6 +1,6 @@
 """The study's main grid in miniature, on CPU, offline (issue 12; docs/results/mini-grid.md says why these sizes).
 
-    python scripts/mini_grid.py                  # every run not finished yet (~1 h on 2 quiet cores), then the report
+    python scripts/mini_grid.py                  # every run not finished yet (41 min on 2 cores), then the report
     python scripts/mini_grid.py --report-only    # just the report from what has finished
     python scripts/mini_grid.py --dry-run        # the commands, nothing run
 
