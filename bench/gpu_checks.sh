@@ -2,12 +2,16 @@
 # Every GPU check of the project in one call, for a session that is lent a GPU (each step has its own timeout, 570 s
 # in all: one 10-minute call). On the device machine, from the repo root, with .whl/ carried (bash
 # ../shared/device/wheels.sh fills it here):
-#   bash bench/gpu_checks.sh [path/to/gpu_anchor.py]      # results under $OUT (or gpu_out/), one file per check
-#   bash bench/gpu_checks.sh --cpu                        # the CPU twin: the same scripts without --gpu (dry run)
+#   bash bench/gpu_checks.sh [--part P] [path/to/gpu_anchor.py]   # results under $OUT (or gpu_out/), a file per check
+#   bash bench/gpu_checks.sh --cpu [--part P]                     # the CPU twin: the same scripts without --gpu
+# Parts, in issue 14's order, each under ten minutes: runs (the GPU tests, the fused head in bf16), right (train.py vs
+# a plain-torch loop, 200 steps, alpha 0.2 and 0), fast (the anchor, the trainer's step vs naive KD); all = every one.
 # Record the JSON lines in docs/benchmarks.md with the device name.
 set -uo pipefail
-mode=gpu
+mode=gpu part=all
 if [ "${1:-}" = "--cpu" ]; then mode=cpu; shift; fi
+if [ "${1:-}" = "--part" ]; then part=$2; shift 2; fi
+want() { [ "$part" = all ] || [ "$part" = "$1" ]; }
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -27,11 +31,22 @@ import importlib
 print(" ".join(f"{m} {importlib.import_module(m).__version__}"
                for m in ("torch", "deepspeed", "transformers", "tokenizers", "datasets", "accelerate")))
 PY
-# 1. the anchor (baseline of every comparison), same machine, same call
-if [ "$mode" = gpu ] && [ -n "${1:-}" ] && [ -f "$1" ]; then timeout 150 "$PY" "$1" 2>&1 | tee "$out/anchor.txt"; fi
-# 2. fused vs plain KD loss at vocab 128256, 8192 tokens, hidden 2048, bf16 (+ Liger if installed)
-timeout 150 "$PY" bench/kd_loss.py $flag --reps 10 2>&1 | tee "$out/kd_loss.txt"
-# 3. one trainer step (ZeRO-3 student + ZeRO-3 teacher, fused head) vs naive KD at the anchor's shapes
-timeout 150 "$PY" bench/train_step.py $flag 2>&1 | tee "$out/train_step.txt"
-# 4. the GPU tests (bf16 ZeRO-3 distillation through the launcher, teacher offload); on CPU they skip
-timeout 120 "$PY" -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$out/pytest_gpu.txt"
+if want runs; then
+  # the GPU tests (bf16 ZeRO-3 distillation through the launcher, teacher offload); on CPU they skip
+  timeout 120 "$PY" -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$out/pytest_gpu.txt"
+  # fused vs plain KD loss at vocab 128256, 8192 tokens, hidden 2048, bf16 (+ Liger if installed)
+  timeout 150 "$PY" bench/kd_loss.py $flag --reps 10 2>&1 | tee "$out/kd_loss.txt"
+fi
+if want right; then
+  # train.py vs a plain-torch loop from the same init and batches (GPU: the paper's 1.7B / 0.7B pair on the offline
+  # corpus packed in 2048-token rows, built here from the Python standard library in about a minute)
+  data=data/offline seq=128; [ "$mode" = gpu ] && data=data/offline-2048 seq=2048
+  [ -f "$data/index.json" ] || "$PY" -m data_prep.offline --out "$data" --vocab_size 2048 --seq_len $seq 2>&1 | tail -2
+  timeout 360 "$PY" bench/reference_loop.py $flag --data "$data" 2>&1 | tee "$out/reference_loop.txt"
+fi
+if want fast; then
+  # the anchor (baseline of every comparison), same machine, same call
+  if [ "$mode" = gpu ] && [ -n "${1:-}" ] && [ -f "$1" ]; then timeout 150 "$PY" "$1" 2>&1 | tee "$out/anchor.txt"; fi
+  # one trainer step (ZeRO-3 student + ZeRO-3 teacher, fused head) vs naive KD at the anchor's shapes
+  timeout 150 "$PY" bench/train_step.py $flag 2>&1 | tee "$out/train_step.txt"
+fi
