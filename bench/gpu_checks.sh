@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one call, for a session that is lent a GPU (each step has its own timeout, 570 s
-# in all: one 10-minute call). On the device machine, from the repo root, with .whl/ carried (bash
+# Every GPU check of the project, for a session that is lent a GPU. Each part fits one 10-minute device call (every
+# step has its own timeout); `all` does not: run the parts in order, one call each, recording each as it lands. On the device machine, from the repo root, with .whl/ carried (bash
 # ../shared/device/wheels.sh fills it here):
 #   bash bench/gpu_checks.sh [--part P] [path/to/gpu_anchor.py]   # results under $OUT (or gpu_out/), a file per check
 #   bash bench/gpu_checks.sh --cpu [--part P]                     # the CPU twin: the same scripts without --gpu
 # Parts, in issue 14's order, each under ten minutes: runs (the GPU tests, the fused head in bf16), right (train.py vs
-# a plain-torch loop, 200 steps, alpha 0.2 and 0), fast (the anchor, the trainer's step vs naive KD); all = every one.
+# a plain-torch loop, 200 steps, alpha 0.2 and 0), fast (the anchor, the trainer's step vs naive KD, MFU against the
+# measured matmul peak), paper (the study's 1.7B / 0.7B pair at seq 8192, checkpointing on); all = every one.
 # Record the JSON lines in docs/benchmarks.md with the device name.
 set -uo pipefail
 mode=gpu part=all
@@ -49,4 +50,8 @@ if want fast; then
   if [ "$mode" = gpu ] && [ -n "${1:-}" ] && [ -f "$1" ]; then timeout 150 "$PY" "$1" 2>&1 | tee "$out/anchor.txt"; fi
   # one trainer step (ZeRO-3 student + ZeRO-3 teacher, fused head) vs naive KD at the anchor's shapes
   timeout 150 "$PY" bench/train_step.py $flag 2>&1 | tee "$out/train_step.txt"
+fi
+if want paper; then
+  # the study's pair on one GPU: tokens/s, peak memory, MFU, hours for 50B tokens on 64 GPUs at this rate
+  timeout 300 "$PY" bench/train_step.py $flag --paper 2>&1 | tee "$out/train_step_paper.txt"
 fi

@@ -3,6 +3,10 @@
     python bench/train_step.py                 # CPU: tiny presets (vocab 2048, seq 128, micro-batch 8), fp32
     python bench/train_step.py --gpu           # one GPU: the anchor's pair (gpu_anchor.py: student 2048h/16L tied,
                                                # teacher 1024h/12L, vocab 128256, seq 2048, micro-batch 4), bf16
+    python bench/train_step.py --gpu --paper   # issue 14 item 4: the study's 1.7B student + 0.7B teacher (llama3
+                                               # presets), seq 8192, micro-batch 1, activation checkpointing on;
+                                               # the trainer's variants only (tokens/s, peak memory)
+    python bench/train_step.py --paper         # its CPU twin: the same code path at tiny shapes, checkpointing on
 
 Variants (each measured on the same random batches, after warm-up, median step time):
   naive       plain torch: student forward with autocast, teacher forward under no_grad, full fp32 [tokens x vocab]
@@ -31,7 +35,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ALPHA = 0.2
 
 
-def shapes(gpu):
+def shapes(gpu, paper=False):
+    if paper and gpu:  # the study's pair (distillery/models.py llama3-1.7b / llama3-0.7b), its seq and recompute
+        return dict(vocab=128256, seq=8192, mb=1, steps=6, warm=2, grad_ckpt=True,
+                    student=dict(hidden=2048, layers=16, heads=32, kv=8, head_dim=128, ffn=8192, tie=False),
+                    teacher=dict(hidden=1024, layers=12, heads=32, kv=8, head_dim=128, ffn=8192, tie=False))
+    if paper:
+        return dict(shapes(False), grad_ckpt=True)
     if gpu:  # gpu_anchor.py's pair
         return dict(vocab=128256, seq=2048, mb=4, steps=10, warm=3,
                     student=dict(hidden=2048, layers=16, heads=32, kv=8, ffn=8192, tie=True),
@@ -45,7 +55,7 @@ def hf_cfg(s, p):
     from transformers import LlamaConfig
     return LlamaConfig(vocab_size=s["vocab"], hidden_size=p["hidden"], num_hidden_layers=p["layers"],
                        num_attention_heads=p["heads"], num_key_value_heads=p["kv"], intermediate_size=p["ffn"],
-                       head_dim=p["hidden"] // p["heads"], max_position_embeddings=max(s["seq"], 128),
+                       head_dim=p.get("head_dim", p["hidden"] // p["heads"]), max_position_embeddings=max(s["seq"], 128),
                        tie_word_embeddings=p["tie"], rope_parameters={"rope_type": "default", "rope_theta": 5e5},
                        use_cache=False, attn_implementation="sdpa")
 
@@ -163,6 +173,8 @@ def run_distillery(s, dev, doc_mask=False, zero_stage=3):
     teacher = init_teacher(te, ds_teacher)
     with zero3_context(ds_student):
         st = AutoModelForCausalLM.from_config(hf_cfg(s, s["student"]))
+    if s.get("grad_ckpt"):  # as distillery/models.py does for grad_ckpt=true
+        st.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = init_student(st, cfg, ds_student, total_steps=1000)
     objective = Objective.from_config(cfg, total_steps=1000)
     loss_kw = dict(objective.loss_kw(), kd_vocab=s["vocab"])
@@ -177,10 +189,10 @@ def run_distillery(s, dev, doc_mask=False, zero_stage=3):
     return step
 
 
-def measure(variant, gpu):
+def measure(variant, gpu, paper=False):
     import torch
     dev = "cuda" if gpu else "cpu"
-    s = shapes(gpu)
+    s = shapes(gpu, paper)
     if variant != "naive":
         from distillery.launch import init_distributed
         init_distributed()
@@ -210,12 +222,41 @@ def measure(variant, gpu):
                 peak_gib=round(peak, 3), final_loss=round(float(loss), 4))
 
 
-def run_variants(script, variants, gpu):
+def matmul_peak(gpu):
+    """Measured matmul throughput, FLOP/s: bf16 8192^3 on a GPU (what the anchor's MFU is against), fp32 1024^3 on
+    CPU; the best of several timed repetitions after a warm-up."""
+    import torch
+    n, dev, dt = (8192, "cuda", torch.bfloat16) if gpu else (1024, "cpu", torch.float32)
+    a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    best = float("inf")
+    for i in range(12):
+        sync()
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        if i >= 2:
+            best = min(best, (time.perf_counter() - t) / 4)
+    return 2 * n ** 3 / best
+
+
+def add_mfu(res, s, peak):
+    """MFU of each variant: tokens/s x (student 6N + teacher 2N + attention, distillery/flops.py) / measured peak."""
+    from distillery import flops
+    per_token = (flops.train_flops_per_token(hf_cfg(s, s["student"]), s["seq"])
+                 + flops.forward_flops_per_token(hf_cfg(s, s["teacher"]), s["seq"]))
+    for r in res.values():
+        r["mfu"] = round(r["tokens_per_s"] * per_token / peak, 3)
+    return per_token
+
+
+def run_variants(script, variants, gpu, extra=()):
     """Each variant in a fresh child process of `script` (`--child NAME`): clean peak memory, no DeepSpeed state
     shared between variants. Prints one line per variant; returns {variant: its measure() dict}."""
     res = {}
     for v in variants:
-        cmd = [sys.executable, os.path.abspath(script), "--child", v] + (["--gpu"] if gpu else [])
+        cmd = [sys.executable, os.path.abspath(script), "--child", v] + (["--gpu"] if gpu else []) + list(extra)
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             raise SystemExit(f"{v} failed:\n{p.stderr[-3000:]}")
@@ -228,15 +269,29 @@ def run_variants(script, variants, gpu):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--paper", action="store_true", help="the study's pair at seq 8192 (see above)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(measure(a.child, a.gpu)))
+        print(json.dumps(measure(a.child, a.gpu, a.paper)))
+        return
+    if a.paper:
+        res = run_variants(__file__, ("distillery", "distillery_doc_mask"), a.gpu, ["--paper"])
+        s, d = shapes(a.gpu, True), res["distillery"]
+        peak = matmul_peak(a.gpu)
+        add_mfu(res, s, peak)
+        # issue 14 item 4: the study's 50B tokens on 64 such GPUs at this rate, teacher included (no comm modelled:
+        # docs/scaling.md says what ZeRO-3 adds across nodes)
+        print(json.dumps({"bench": "train_step_paper", "device": "cuda" if a.gpu else "cpu", **s, **res,
+                          "matmul_peak_tflops": round(peak / 1e12, 2),
+                          "hours_50b_on_64": round(50e9 / (64 * d["tokens_per_s"]) / 3600, 2)}))
         return
     res = run_variants(__file__, VARIANTS, a.gpu)
+    peak = matmul_peak(a.gpu)
+    add_mfu(res, shapes(a.gpu), peak)
     n, d, m = res["naive"], res["distillery"], res["distillery_doc_mask"]
     print(json.dumps({"bench": "train_step", "device": "cuda" if a.gpu else "cpu", **shapes(a.gpu),
-                      "doc_len": DOC_LEN, **res,
+                      "doc_len": DOC_LEN, **res, "matmul_peak_tflops": round(peak / 1e12, 2),
                       "tokens_per_s_ratio": round(d["tokens_per_s"] / n["tokens_per_s"], 3),
                       # the decomposition of the gap: our micro-step + fused head without DeepSpeed, then DeepSpeed's
                       # engine with nothing partitioned, then ZeRO-3 (each vs the naive loop's tokens/s)
