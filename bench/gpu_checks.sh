@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of the project, for a session that is lent a GPU. Each part fits one 10-minute device call (every
-# step has its own timeout); `all` does not: run the parts in order, one call each, recording each as it lands. On the device machine, from the repo root, with .whl/ carried (bash
-# ../shared/device/wheels.sh fills it here):
+# step has its own timeout); `all` does not: run the parts in order, one call each, recording each as it lands.
+# On the device machine, from the repo root, with .whl/ carried (bash ../shared/device/wheels.sh fills it here):
 #   bash bench/gpu_checks.sh [--part P] [path/to/gpu_anchor.py]   # results under $OUT (or gpu_out/), a file per check
 #   bash bench/gpu_checks.sh --cpu [--part P]                     # the CPU twin: the same scripts without --gpu
 # Parts, in issue 14's order, each under ten minutes: runs (the GPU tests, the fused head in bf16), right (train.py vs
