@@ -396,17 +396,8 @@ class Env:
 
 def make_teacher(data_dir, out, preset="micro", seed=0):
     """A random-init Hugging Face teacher directory sharing the data's tokenizer (as tests/conftest.py makes it)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from distillery.models import hf_config
-    with open(os.path.join(data_dir, "index.json")) as f:
-        vocab = json.load(f)["vocab_size"]
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(hf_config(preset, vocab, SEQ)).save_pretrained(out)
-    tok = os.path.join(data_dir, "tokenizer")
-    for fn in os.listdir(tok):
-        shutil.copy(os.path.join(tok, fn), out)
-    return str(out)
+    from distillery.models import save_random_init
+    return save_random_init(preset, data_dir, out, SEQ, seed)
 
 
 def resume_and_compare(env, o, run_dir, done, ranks=1, *extra, max_lost=SAVE):

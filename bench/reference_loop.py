@@ -31,20 +31,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def make_init(preset, data_dir, seq_len, out, seed):
-    """A Hugging Face directory with `preset`'s random init (seed) and the data's tokenizer."""
-    from transformers import AutoModelForCausalLM
-    from distillery.models import hf_config
-    with open(os.path.join(data_dir, "index.json")) as f:
-        vocab = json.load(f)["vocab_size"]
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(hf_config(preset, vocab, seq_len)).save_pretrained(out)
-    tok = os.path.join(data_dir, "tokenizer")
-    for fn in os.listdir(tok):
-        shutil.copy(os.path.join(tok, fn), out)
-    return out
-
-
 def trainer_losses(a, student_dir, teacher_dir, alpha, out_dir, ds_config):
     """loss/total of every step of train.py (in this process, a world of one)."""
     import train
@@ -114,8 +100,9 @@ def reference_losses(a, student_dir, teacher_dir, alpha, device, bf16):
 
 def compare(a, work, device="cpu", bf16=False, ds_config=None):
     """{alpha: {"trainer": [...], "reference": [...], "max_abs", "max_rel", "ok"}} for each alpha of a.alphas."""
-    sd = make_init(a.student, a.data, a.seq_len, os.path.join(work, "student"), a.seed)
-    td = make_init(a.teacher, a.data, a.seq_len, os.path.join(work, "teacher"), a.seed + 1)
+    from distillery.models import save_random_init
+    sd = save_random_init(a.student, a.data, os.path.join(work, "student"), a.seq_len, a.seed)
+    td = save_random_init(a.teacher, a.data, os.path.join(work, "teacher"), a.seq_len, a.seed + 1)
     res = {}
     for alpha in a.alphas:
         tr = trainer_losses(a, sd, td, alpha, os.path.join(work, "runs"), ds_config)

@@ -84,6 +84,21 @@ def hf_config(preset, data_vocab, seq_len, attn_impl="auto"):
     return cfg
 
 
+def save_random_init(preset, data_dir, out, seq_len, seed=0):
+    """A Hugging Face directory holding `preset` at its random initialisation (torch seed `seed`) with the data's
+    vocab and tokenizer: a fixed starting point (student_init=) or a stand-in teacher, for tests and benches."""
+    from transformers import AutoModelForCausalLM
+    with open(os.path.join(data_dir, "index.json")) as f:
+        index = json.load(f)
+    torch.manual_seed(seed)
+    cfg = hf_config(preset, index["vocab_size"], seq_len)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok = os.path.join(data_dir, "tokenizer")
+    for fn in os.listdir(tok):
+        shutil.copy(os.path.join(tok, fn), out)
+    return str(out)
+
+
 @contextlib.contextmanager
 def zero3_context(ds_config):
     """Keep a HfDeepSpeedConfig alive while a model is built, so transformers partitions it and initialises the

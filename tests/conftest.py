@@ -1,7 +1,6 @@
 """Shared fixtures: a small offline data set (real text, 512-token BPE, 64-token rows) and a micro teacher."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,19 +30,8 @@ def data_dir(tmp_path_factory):
 
 def make_teacher(data_dir, out, preset="micro", seed=0):
     """A random-init Hugging Face teacher directory sharing the data's tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from distillery.models import hf_config
-    with open(os.path.join(data_dir, "index.json")) as f:
-        vocab = json.load(f)["vocab_size"]
-    torch.manual_seed(seed)
-    cfg = hf_config(preset, vocab, 64)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(out)
-    tok = os.path.join(data_dir, "tokenizer")
-    for fn in os.listdir(tok):
-        shutil.copy(os.path.join(tok, fn), out)
-    return str(out)
+    from distillery.models import save_random_init
+    return save_random_init(preset, data_dir, out, 64, seed)
 
 
 @pytest.fixture(scope="session")
