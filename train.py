@@ -35,7 +35,7 @@ from distillery.engines import (batch_layout, init_student, init_teacher, load_d
 from distillery.errors import ConfigError, DataError, Preempted, TrainingError, cli  # noqa: F401  (TrainingError: tests)
 from distillery.flops import ComputeLedger, compute_match_budget, export_pretrain_flops, write_export_compute
 from distillery.guard import Guard
-from distillery.launch import init_distributed, rank_world
+from distillery.launch import init_distributed, rank_world, shutdown
 from distillery.loss_parts import IGNORE_INDEX, shift_targets
 from distillery.models import (attn_implementation, build_student, check_model_dir, export_hf, hf_config,
                                load_pretrained, zero3_context)
@@ -399,3 +399,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     cli(main)
+    shutdown()  # only after success: on an error the other ranks may never reach the barrier

@@ -350,4 +350,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from distillery.launch import shutdown
     cli(main)
+    shutdown()  # after success only (see distillery/launch.py)

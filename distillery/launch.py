@@ -37,6 +37,16 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size()
 
 
+def shutdown():
+    """Leave the process group at the end of a successful run: every rank meets at a barrier, then destroys its
+    group. A multi-rank CPU run that exits with a live gloo group can abort in C++ teardown after all its work is
+    done ('terminate called without an active exception', exit 250), which a scheduler reads as a failure."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank_world():
     """(rank, world size): from the process group when one is up, else from the launcher's environment (before
     init), else (0, 1). The one place the project asks which rank it is."""

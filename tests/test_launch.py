@@ -26,3 +26,18 @@ def test_init_distributed_builds_no_op_and_leaves_torch_alone():
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "(0, 1) False"
+
+
+def test_shutdown_leaves_the_process_group():
+    """launch.shutdown (train.py and data_prep.teacher_cache call it after success): barrier, then the group is
+    destroyed, so the process exits without a live gloo group; a no-op when there is none."""
+    code = ("from distillery.launch import init_distributed, shutdown\n"
+            "import torch.distributed as dist\n"
+            "shutdown()\n"                                        # nothing to leave yet
+            "init_distributed()\n"
+            "shutdown()\n"
+            "print(dist.is_initialized())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
