@@ -22,10 +22,8 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -126,29 +124,12 @@ def build(variant, s, dev):
 
 
 def measure(variant, gpu):
-    import torch
     from distillery.launch import init_distributed
     dev = "cuda" if gpu else "cpu"
     s = ts.shapes(gpu)
     init_distributed()
     step = build(variant, s, dev)
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(s["warm"] + s["steps"]):
-        sync()
-        t = time.perf_counter()
-        loss = step(i)
-        float(loss)
-        sync()
-        if i >= s["warm"]:
-            times.append(time.perf_counter() - t)
-    med = sorted(times)[len(times) // 2]
-    peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if gpu
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
-    return dict(variant=variant, step_ms=round(med * 1e3, 2), tokens_per_s=round(s["mb"] * s["seq"] / med),
-                peak_gib=round(peak, 3), final_loss=round(float(loss), 4))
+    return dict(variant=variant, **ts.time_steps(step, s, gpu))
 
 
 def main():

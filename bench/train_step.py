@@ -190,7 +190,6 @@ def run_distillery(s, dev, doc_mask=False, zero_stage=3):
 
 
 def measure(variant, gpu, paper=False):
-    import torch
     dev = "cuda" if gpu else "cpu"
     s = shapes(gpu, paper)
     if variant != "naive":
@@ -204,6 +203,14 @@ def measure(variant, gpu, paper=False):
         step = run_distillery(s, dev, doc_mask=variant == "distillery_doc_mask",
                               zero_stage=0 if variant == "distillery_zero0" else 3)
     bs = [b.to(dev) for b in batches(s)]
+    return dict(variant=variant, **time_steps(lambda i: step(bs[i % 4]), s, gpu))
+
+
+def time_steps(step, s, gpu):
+    """Median wall time of step(i) over s["steps"] calls after s["warm"] warm-up calls (device-synchronised), and the
+    peak memory from here on: GPU max allocated, or on CPU the process's peak RSS (measure each variant in a fresh
+    process: run_variants). Returns step_ms, tokens_per_s, peak_gib and the last loss."""
+    import torch
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -211,15 +218,15 @@ def measure(variant, gpu, paper=False):
     for i in range(s["warm"] + s["steps"]):
         sync()
         t = time.perf_counter()
-        loss = step(bs[i % 4])
+        loss = step(i)
         float(loss)
         sync()
         if i >= s["warm"]:
             times.append(time.perf_counter() - t)
     med = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    return dict(variant=variant, step_ms=round(med * 1e3, 2), tokens_per_s=round(s["mb"] * s["seq"] / med),
-                peak_gib=round(peak, 3), final_loss=round(float(loss), 4))
+    return dict(step_ms=round(med * 1e3, 2), tokens_per_s=round(s["mb"] * s["seq"] / med), peak_gib=round(peak, 3),
+                final_loss=round(float(loss), 4))
 
 
 def matmul_peak(gpu):
