@@ -14,11 +14,10 @@ trained online, from the top-k cache (renorm, and tail: both read the same cache
 alpha = 0 baseline (configs/offline/student_baseline.yaml). Everything lands in runs/cache-study/; the tables go to
 --out (markdown + JSON) and `python -m eval.report` adds the paired PPL changes vs the baseline.
 """
-import argparse
 import os
 import sys
 
-from steps import REPO, ensure_offline_data, run_steps, train_cmd
+from steps import finished, parser, prepare, run_steps, train_cmd
 
 from distillery import flops
 from distillery.atomic import read_json, read_jsonl, write_json, write_text
@@ -56,10 +55,6 @@ def variants(k, sweep=()):
             out[f"topk-renorm-k{kk}"] = (KD, [t, f"teacher_cache={c[key]}", "teacher_cache_mode=renorm",
                                               f"teacher_cache_k={kk}"], key)
     return out
-
-
-def finished(run_dir):
-    return os.path.isfile(os.path.join(run_dir, "export", "config.json"))
 
 
 def steps(k, sweep=()):
@@ -151,17 +146,12 @@ def markdown(t):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, "docs/results/teacher-cache")
     ap.add_argument("--k", type=int, default=12, help="cache entries per position, both methods")
     ap.add_argument("--topk_sweep", type=int, nargs="*", default=[],
                     help="also top-k renorm at these k, from one top-k cache of the largest (e.g. 32 64)")
-    ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--out", default="docs/results/teacher-cache", help="where the tables go")
     a = ap.parse_args(argv)
-    os.chdir(REPO)
-    if not (a.report_only or a.dry_run):
-        ensure_offline_data()
+    prepare(a)
     tpath = os.path.join(OUT, "timing.json")
     todo = [] if a.report_only else [(f"{kind}:{key if kind != 'student' else os.path.basename(path)}",
                                       f"{kind} {path}", cmd)

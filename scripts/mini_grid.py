@@ -15,11 +15,10 @@ windows with `python -m eval.ppl --entropy` (<run>/eval/ppl.json: the mean predi
 paper's entropy analysis; its PPL must equal the in-loop final eval's) and `python -m eval.report` writes
 docs/results/mini-grid/. runs/mini/timing.json keeps each run's wall time (merged over invocations).
 """
-import argparse
 import os
 
+import steps
 import yaml
-from steps import REPO, ensure_offline_data, run_steps, train_cmd
 
 from distillery.atomic import read_json
 from distillery.errors import cli
@@ -54,21 +53,15 @@ def plan():
 
 
 def finished(name):
-    return os.path.isfile(os.path.join("runs", name, "export", "config.json"))
+    return steps.finished(os.path.join("runs", name))
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--out", default="docs/results/mini-grid", help="where the report goes")
-    a = ap.parse_args(argv)
-    os.chdir(REPO)
-    if not (a.report_only or a.dry_run):
-        ensure_offline_data()
-    todo = [] if a.report_only else [(name, f"{name}: {' '.join(over)}", train_cmd(config, over, name))
+    a = steps.parser(__doc__, "docs/results/mini-grid").parse_args(argv)
+    steps.prepare(a)
+    todo = [] if a.report_only else [(name, f"{name}: {' '.join(over)}", steps.train_cmd(config, over, name))
                                      for name, config, over in plan() if not finished(name)]
-    run_steps(todo, "mini", os.path.join(OUT, "timing.json"), a.dry_run)
+    steps.run_steps(todo, "mini", os.path.join(OUT, "timing.json"), a.dry_run)
     if a.dry_run:
         return None
     if not a.report_only:

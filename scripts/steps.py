@@ -1,5 +1,6 @@
 """What the recorded CPU experiments (mini_grid.py, cache_study.py) share: the offline data they train on, the launch
 of one training run, and running a list of steps in order with each one's wall time recorded."""
+import argparse
 import os
 import subprocess
 import sys
@@ -11,6 +12,27 @@ from distillery.atomic import read_json, write_json  # noqa: E402
 from distillery.launch import free_port  # noqa: E402
 
 OFFLINE_DATA = "data/offline"
+
+
+def parser(doc, out):
+    """The flags every recorded experiment has; the script adds its own."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--report-only", action="store_true", help="just the report from what has finished")
+    ap.add_argument("--dry-run", action="store_true", help="the commands, nothing run")
+    ap.add_argument("--out", default=out, help="where the report goes")
+    return ap
+
+
+def prepare(a):
+    """Work from the repository root; build the offline data unless nothing will train."""
+    os.chdir(REPO)
+    if not (a.report_only or a.dry_run):
+        ensure_offline_data()
+
+
+def finished(run_dir):
+    """A training run is finished when its export exists (the trainer writes it last)."""
+    return os.path.isfile(os.path.join(run_dir, "export", "config.json"))
 
 
 def ensure_offline_data():
