@@ -116,8 +116,9 @@ def resolve(args):
 
 def open_cache(cfg):
     """The teacher cache, checked against this run (data, tokenizer, temperature, doc_mask, k) before any work. A
-    teacher= that exists here must be the cache's teacher (the run's config then names what made its targets); one
-    that does not exist here is not needed (the point of a cache)."""
+    teacher= given (not the default) that exists here must be the cache's teacher: the run's config then names what
+    made its targets. One that does not exist here is not needed (the point of a cache); the default path is no
+    claim (it exists on any machine that ran the offline study)."""
     from distillery.teacher_cache import CacheReader
     if cfg.divergence != "forward_kl":
         raise ConfigError(f"teacher_cache distills with the cache's sparse forward KL (teacher_cache_mode="
@@ -125,7 +126,8 @@ def open_cache(cfg):
                           f"teacher_cache")
     return CacheReader(cfg.teacher_cache).check(cfg.data, cfg.temperature, cfg.doc_mask,
                                                 k_needed=cfg.teacher_cache_k or None,
-                                                teacher=cfg.teacher if os.path.isdir(cfg.teacher or "") else None)
+                                                teacher=cfg.teacher if cfg.teacher != Config.teacher
+                                                and os.path.isdir(cfg.teacher or "") else None)
 
 
 def check_data(cfg):

@@ -222,7 +222,7 @@ def test_training_from_a_full_cache_matches_online_step_for_step(small, tmp_path
     assert all(np.isfinite(m[s]["loss/kd"]) and m[s]["loss/kd"] > 0 for s in (1, 2, 3))
 
 
-def test_trainer_refuses_a_mismatched_cache(small, topk_cache, tmp_path):
+def test_trainer_refuses_a_mismatched_cache(small, topk_cache, tmp_path, monkeypatch):
     """The cache was made at T = 2: a run at T = 1 stops at start with one line, before anything is written."""
     import train
     from conftest import BASE
@@ -241,3 +241,9 @@ def test_trainer_refuses_a_mismatched_cache(small, topk_cache, tmp_path):
         train.resolve(train.parse_args([*argv, f"teacher={other}"]))
     assert "\n" not in str(e.value) and not os.listdir(tmp_path)
     assert train.resolve(train.parse_args([*argv, f"teacher={small / 'teacher'}"])).cache is not None
+    # the default teacher path is no claim, even where it exists (any machine that ran the offline study)
+    home = tmp_path.parent / (tmp_path.name + "-cwd")
+    (home / os.path.dirname(train.Config.teacher)).mkdir(parents=True)
+    shutil.copytree(other, home / train.Config.teacher)
+    monkeypatch.chdir(home)
+    assert train.resolve(train.parse_args(argv)).cache is not None
