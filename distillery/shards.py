@@ -65,14 +65,20 @@ def read_index(data_dir):
     if not os.path.isfile(path):
         raise DataError(f"no data set at {data_dir!r} (missing index.json); build it with "
                         f"`python -m data_prep.offline --out {data_dir}` or `python -m data_prep.prepare ... --out {data_dir}`")
+    return read_versioned(path, FORMAT, VERSION, "the data set", "data_prep")
+
+
+def read_versioned(path, fmt, version, what, tool):
+    """An existing index.json of format `fmt` v`version`, or a one-line DataError naming `tool` to rebuild `what`
+    with: corrupt JSON, or another format or version. (Data sets here; teacher caches in teacher_cache.py.)"""
     try:
         with open(path) as f:
             index = json.load(f)
     except json.JSONDecodeError as e:
-        raise DataError(f"corrupt {path}: {e}; rebuild the data set with data_prep") from None
-    if index.get("format") != FORMAT or index.get("version") != VERSION:
-        raise DataError(f"{path} is not a {FORMAT} v{VERSION} index (got {index.get('format')} "
-                        f"v{index.get('version')}); rebuild it with this version of data_prep")
+        raise DataError(f"corrupt {path}: {e}; rebuild {what} with {tool}") from None
+    if index.get("format") != fmt or index.get("version") != version:
+        raise DataError(f"{path} is not a {fmt} v{version} index (got {index.get('format')} "
+                        f"v{index.get('version')}); rebuild it with this version of {tool}")
     return index
 
 

@@ -145,15 +145,7 @@ def read_cache_index(cache_dir):
                 if os.path.isdir(os.path.join(cache_dir, "progress")) else "")
         raise DataError(f"no teacher cache at {cache_dir!r} (missing index.json){hint}; build it with "
                         f"`python -m data_prep.teacher_cache --teacher <dir> --data <dir> --out {cache_dir} ...`")
-    try:
-        with open(path) as f:
-            index = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"corrupt {path}: {e}; rebuild the cache with data_prep.teacher_cache") from None
-    if index.get("format") != FORMAT or index.get("version") != VERSION:
-        raise DataError(f"{path} is not a {FORMAT} v{VERSION} index (got {index.get('format')} "
-                        f"v{index.get('version')}); rebuild it with this version of data_prep.teacher_cache")
-    return index
+    return shards.read_versioned(path, FORMAT, VERSION, "the cache", "data_prep.teacher_cache")
 
 
 class CacheReader:
