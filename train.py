@@ -102,6 +102,9 @@ def resolve(args):
     callbacks = Callbacks.build(cfg.callbacks, cfg.callback_args)
     cache = None
     if objective.needs_teacher() and cfg.teacher_cache:  # sparse targets from disk, no teacher in the process
+        if objective.wants_diagnostics:
+            raise ConfigError(f"alpha_controller={cfg.alpha_controller} reads the teacher's CE, which a teacher cache "
+                              f"does not hold; drop teacher_cache (live teacher) or the controller")
         cache = open_cache(cfg)
         objective = dataclasses.replace(objective, impl="sparse", kd_vocab=cache.kd_vocab)
     elif objective.needs_teacher():
@@ -229,6 +232,7 @@ def start(plan, rank, world):
         client = checkpoint.load(engine, cfg, where)
         start_step = client["step"]
         plan.callbacks.load_state_dict(client.get("callbacks", {}))
+        plan.objective.load_state_dict(client.get("objective", {}))
         if "compute" in client:
             ledger.load_state_dict(client["compute"])
         resume.apply_lr(engine, cfg, plan.total_steps)  # this config's lr schedule, not the checkpoint's
@@ -262,7 +266,7 @@ def train(run):
     """Optimizer steps ctx.start_step .. ctx.end_step; returns the last finished step."""
     plan, ctx, cbs = run.plan, run.ctx, run.plan.callbacks
     cfg, obj, engine, dev = plan.cfg, plan.objective, run.engine, run.engine.device
-    want_diag = run.teacher is not None and cbs.wants_diagnostics
+    want_diag = run.teacher is not None and (cbs.wants_diagnostics or obj.wants_diagnostics)
     stats = StepStats(dev, want_diag)
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     loss_kw = obj.loss_kw()
@@ -306,7 +310,9 @@ def train(run):
                 parts = micro_step(engine, run.teacher, x, y, kw, w_ce * scale, w_kd * scale, want_diag,
                                    teacher_timer, pos)
                 stats.add(parts, inv_n, w_ce, w_kd)
+                obj.observe(parts)
         stats.end_step(n_global)
+        obj.end_step(done)  # an alpha controller's update (collective); alpha of the next step
         run.ledger.add_step(tokens_per_step)
         guard.after_step(done, engine, stats)
         metrics = diag = None
@@ -318,7 +324,7 @@ def train(run):
             metrics = {"loss/total": s.total, "loss/ce": s.ce, "loss/kd": s.kd, "alpha": alpha, "lr": lr,
                        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                        "tokens/seen": done * tokens_per_step, "perf/tokens_per_s": steps * tokens_per_step / dt,
-                       "perf/step_s": dt / steps, **guard.metrics(), **run.ledger.metrics()}
+                       "perf/step_s": dt / steps, **guard.metrics(), **run.ledger.metrics(), **obj.metrics()}
             if run.teacher is not None:
                 metrics["perf/teacher_share"] = teacher_timer.seconds / step_timer.seconds
             diag = s.diag
@@ -341,6 +347,7 @@ def save(run, step):
     """A checkpoint of `step` (every rank): engine state, the run's config, the callbacks' state."""
     path = checkpoint.save(run.engine, run.plan.cfg, step, {"step": step, "config": to_dict(run.plan.cfg),
                                                             "callbacks": run.plan.callbacks.state_dict(),
+                                                            "objective": run.plan.objective.state_dict(),
                                                             "compute": run.ledger.to_dict()})
     run.plan.callbacks("on_checkpoint", run.ctx, step=step, path=path)
     return path

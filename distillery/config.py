@@ -52,6 +52,9 @@ class Config:
     alpha_end: float = 0.0
     alpha_warmup_frac: float = 0.0
     alpha_decay_frac: float = 0.2
+    alpha_controller: str = ""         # an alpha controller (plugins/alpha_controllers.py) decides alpha from what the
+                                       # run measures, with `alpha` as its ceiling; "" = alpha_schedule
+    alpha_controller_args: dict = field(default_factory=dict)  # its options, e.g. {scale: 0.5, every: 10}
     loss_impl: str = "fused"           # fused (chunked, distillery/fused_kd.py) or plain (reference)
     loss_chunk_size: int = 0           # rows per chunk in the fused head; 0: auto, ~2^25 logits (256 rows at 128k)
     loss_closed_form: bool = True      # fused head: CE + KD + dL/dlogits from formulas where the divergence has one
@@ -109,8 +112,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 RUN_DEFINING = ("seed", "data", "doc_mask", "student", "student_init", "teacher", "teacher_cache",
                 "teacher_cache_mode", "teacher_cache_k", "alpha", "temperature", "divergence",
                 "divergence_args", "mix", "alpha_schedule", "alpha_start", "alpha_end", "alpha_warmup_frac",
-                "alpha_decay_frac", "seq_len", "global_batch_size", "train_tokens", "compute_match",
-                "compute_match_pretrain", "weight_decay", "beta1", "beta2", "eps")
+                "alpha_decay_frac", "alpha_controller", "alpha_controller_args", "seq_len", "global_batch_size",
+                "train_tokens", "compute_match", "compute_match_pretrain", "weight_decay", "beta1", "beta2", "eps")
 MAY_CHANGE = ("name", "out_dir", "eval_data", "eval_sets", "teacher_offload", "trust_remote_code", "attn_impl",
               "grad_ckpt", "loss_impl", "loss_chunk_size", "loss_closed_form", "loss_compile", "micro_batch_size",
               "max_steps", "lr", "min_lr_frac", "warmup_frac", "grad_clip", "log_interval", "eval_interval", "eval_window", "eval_max_windows",

@@ -153,7 +153,7 @@ def _chunk_objective(s_logits, t_logp_T, y, sp):
 def _autograd_chunk(z, t, q, y, sp, need_grad):
     """Any divergence: the chunk's objective differentiated by autograd. z [C, Vs] student logits, t [C, v] teacher
     logits or None, q [C, v] workspace (teacher log-probs); z and t are workspace slices, t is overwritten.
-    Returns (ce, kd or None, diag [5] or None, dL/dz [C, Vs] or None, scale 1.0).
+    Returns (ce, kd or None, diag [len(DIAG_KEYS)] or None, dL/dz [C, Vs] or None, scale 1.0).
     Live at the peak: the three workspaces plus what the divergence's graph holds (log-softmax, exp, its
     intermediates and their gradients: about six more [C, V])."""
     T = sp.temperature
@@ -265,6 +265,8 @@ def _forward_kl_chunk(z, t, q, y, sp, need_grad):
     if T != 1.0:
         t.div_(T)                                                               # t / T, as plain
     mt, it = t.max(1)                                                           # [C]
+    inside = y < v                                                              # targets beyond the shared vocab
+    t_y = t.gather(1, y.clamp(max=v - 1)[:, None]).squeeze(1) if want_diag and T == 1.0 else None  # before t dies
     _softmax_into(t, q)                                                         # q = p_t [C, v]
     sq = q.sum(1)                                                               # 1 up to the kernel's rounding
     lse_t = mt - q.gather(1, it[:, None]).squeeze(1).log() + sq.log()
@@ -283,13 +285,13 @@ def _forward_kl_chunk(z, t, q, y, sp, need_grad):
     kl = d - lse_t + lse_s                                                      # [C] KL(p_t || p_s) at T
     kd = (T * T) * kl.sum()
     if want_diag and T == 1.0:
-        inside = y < v                                                          # targets beyond the shared vocab
         p_true = torch.where(inside, q.gather(1, y.clamp(max=v - 1)[:, None]).squeeze(1) / sq, 0.0)
         fast = v == Vs                                                          # z dies below: product in place
         pz = (zv.mul_(pT).sum(1) if fast else _rowdot(pT, zv, scratch)) / sp_
         diag = torch.stack([(lse_s - pz).sum(),                                 # student: lse - sum p z
                             (lse_t - qt).sum(),                                 # teacher: lse - sum q t
-                            kl.sum(), (i_s == it).float().sum(), p_true.sum()])
+                            kl.sum(), (i_s == it).float().sum(), p_true.sum(),
+                            torch.where(inside, lse_t - t_y, 0.0).sum()])              # teacher CE: lse - t_y
     b = sp.w_kd * T
     if T == 1.0 and v == Vs:                                                    # CE shares the KD softmax
         ce = (lse_s - z_y).sum()

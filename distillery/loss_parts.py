@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch
 
 IGNORE_INDEX = -100
-DIAG_KEYS = ("student_entropy", "teacher_entropy", "kl", "top1_agree", "teacher_p_true")
+DIAG_KEYS = ("student_entropy", "teacher_entropy", "kl", "top1_agree", "teacher_p_true", "teacher_ce")
 
 
 @dataclass
@@ -20,7 +20,8 @@ class LossParts:
 def diagnostics(s_logp, t_logp, y):
     """Per-token sums of the paper's logit diagnostics at T = 1. s_logp, t_logp: [N, V] fp32 over the shared vocab V;
     y: [N] targets over the student's vocab, which may be larger than V (teacher vocab smaller than the student's):
-    such a target has teacher probability 0 in teacher_p_true."""
+    such a target has teacher probability 0 in teacher_p_true and adds nothing to teacher_ce (the teacher's
+    cross-entropy on the true tokens, -log p_t(y): what an alpha controller compares with the student's CE)."""
     s_p, t_p = s_logp.exp(), t_logp.exp()
     V = t_logp.shape[-1]
     inside = y < V
@@ -31,6 +32,7 @@ def diagnostics(s_logp, t_logp, y):
         "kl": (t_p * (t_logp - s_logp)).sum(-1).sum(),
         "top1_agree": (s_logp.argmax(-1) == t_logp.argmax(-1)).float().sum(),
         "teacher_p_true": torch.where(inside, p_true, 0.0).sum(),
+        "teacher_ce": torch.where(inside, -t_logp.gather(-1, y.clamp(max=V - 1)[:, None]).squeeze(-1), 0.0).sum(),
     }
 
 

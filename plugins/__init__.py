@@ -7,6 +7,9 @@ Kinds and their call signatures (always called with keyword arguments):
   mix             fn(alpha) -> (w_ce, w_kd): the loss is w_ce * CE + w_kd * KD. Mixes are linear in CE and KD on
                   purpose: the fused KD head folds the weights into the gradients it computes in its single pass.
   alpha_schedule  fn(step, total_steps, alpha, start, end, warmup_frac, decay_frac) -> float
+  alpha_controller
+                  a subclass of plugins.base.AlphaController: alpha decided from what the run measures (teacher and
+                  student CE, ...), with state saved in checkpoints; alpha_controller=<name> replaces the schedule
   callback        a subclass of plugins.base.Callback (every hook a documented no-op there); the trainer makes one
                   instance per run with the options at callback_args.<name> and calls its hooks on every rank in
                   config order: on_train_start, on_step_end (may add namespaced keys to `metrics`), on_log (writers),
@@ -20,9 +23,9 @@ import importlib
 import pkgutil
 
 from distillery.errors import PluginError
-from plugins.base import Callback, Context  # noqa: F401  (what a callback plugin imports)
+from plugins.base import AlphaController, Callback, Context  # noqa: F401  (what a plugin imports)
 
-KINDS = ("divergence", "mix", "alpha_schedule", "callback")
+KINDS = ("divergence", "mix", "alpha_schedule", "alpha_controller", "callback")
 _REGISTRY = {kind: {} for kind in KINDS}
 
 
@@ -34,9 +37,10 @@ def register(kind, name):
         raise PluginError(f"unknown plugin kind {kind!r}; kinds are {', '.join(KINDS)}")
 
     def deco(obj):
-        if kind == "callback":
-            if not (isinstance(obj, type) and issubclass(obj, Callback)):
-                raise PluginError(f"callback {name!r} ({obj.__module__}) must subclass plugins.Callback; see "
+        base = {"callback": Callback, "alpha_controller": AlphaController}.get(kind)
+        if base is not None:
+            if not (isinstance(obj, type) and issubclass(obj, base)):
+                raise PluginError(f"{kind} {name!r} ({obj.__module__}) must subclass plugins.{base.__name__}; see "
                                   f"plugins/_template.py")
             obj.name = name
         if name in _REGISTRY[kind]:

@@ -1,4 +1,5 @@
 """The callback contract: one base class whose every hook is a documented no-op, one typed context, one runner.
+Also the alpha controller contract (AlphaController, at the end): alpha decided from what the run measures.
 
 A callback is a class registered with @register("callback", name) that subclasses Callback. The trainer builds one
 instance per run, at start-up, with the options found at `callback_args.<name>` in the run config (checked against
@@ -159,3 +160,57 @@ class Callbacks:
         for cb in self.items:
             if cb.name in (state or {}):
                 cb.load_state_dict(state[cb.name])
+
+
+class AlphaController:
+    """Base class of an alpha controller: a stateful alternative to the alpha schedules (plugins/schedules.py), which
+    see only the step number. Selected with alpha_controller=<name>; its options come from alpha_controller_args
+    (checked against `options`, like a callback's) and the run's `alpha` is its ceiling. The trainer calls, on every
+    rank and in this order each optimizer step:
+
+      alpha(step)          alpha of optimizer step `step` (0-based), before its micro-batches
+      observe(parts)       each micro-batch's loss parts (distillery/loss_parts.py LossParts fields as a dict:
+                           ce_sum, kd_sum, n_tokens, diag) as device tensors: accumulate, never sync the host here
+      end_step(step)       after optimizer step `step` (1-based count of finished steps). The only hook that may run
+                           a collective (all ranks call it on the same steps), so every rank decides the same alpha
+
+    metrics() adds namespaced keys to each log record; state_dict()/load_state_dict() ride in every checkpoint
+    (as the callbacks' do), so a resumed run continues with the same alpha and the same partial measurements:
+    resume is exact. `wants_diagnostics` makes the loss compute the per-token diagnostics (teacher_ce, ...) on every
+    micro-batch; a controller reading diag needs a live teacher (a teacher cache holds no teacher CE)."""
+
+    name: ClassVar[str] = ""          # set by @register("alpha_controller", name)
+    options: ClassVar[dict] = {}      # option -> default; what alpha_controller_args may set
+    wants_diagnostics: ClassVar[bool] = False
+
+    def __init__(self, ceiling, total_steps, **opts):
+        unknown = sorted(set(opts) - set(self.options))
+        if unknown:
+            raise PluginError(f"alpha_controller {self.name or type(self).__name__}: unknown option(s) "
+                              f"{', '.join(unknown)}; known: {', '.join(sorted(self.options)) or '(none)'}")
+        self.opts = {**self.options, **opts}
+        self.ceiling, self.total_steps = float(ceiling), int(total_steps)
+
+    def alpha(self, step):
+        """alpha of optimizer step `step`; the base class holds the ceiling."""
+        return self.ceiling
+
+    def max_alpha(self):
+        """The largest alpha it may choose: a teacher is loaded iff the mix gives KD a weight at this alpha."""
+        return self.ceiling
+
+    def observe(self, parts):
+        """One micro-batch's loss parts (device tensors)."""
+
+    def end_step(self, step):
+        """After optimizer step `step` (1-based); may all_reduce (collective)."""
+
+    def metrics(self):
+        """Namespaced keys for the log record (e.g. {"alpha/gap": 0.3})."""
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        """The state_dict() of the checkpoint a run resumes from."""

@@ -5,7 +5,8 @@ import time
 from plugins import Callback, register
 
 ENTROPY_NAMES = {"student_entropy": "entropy/student", "teacher_entropy": "entropy/teacher", "kl": "entropy/kl_t_s",
-                 "top1_agree": "entropy/top1_agreement", "teacher_p_true": "entropy/teacher_p_true"}
+                 "top1_agree": "entropy/top1_agreement", "teacher_p_true": "entropy/teacher_p_true",
+                 "teacher_ce": "entropy/teacher_ce"}
 
 
 
@@ -17,7 +18,8 @@ def _cache_kind(cfg):
 
 @register("callback", "entropy")
 class Entropy(Callback):
-    """Student/teacher entropy, KL(t||s), top-1 agreement, teacher p(true): token means over the log interval."""
+    """Student/teacher entropy, KL(t||s), top-1 agreement, teacher p(true), teacher CE: token means over the log
+    interval."""
     wants_diagnostics = True  # asks the loss to compute per-token diagnostics (same chunk loop, no extra pass)
 
     def on_step_end(self, ctx, step, metrics, diag):

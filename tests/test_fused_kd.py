@@ -313,8 +313,9 @@ def test_zero3_two_ranks_equal_one_process(tmp_path):
 # ---- closed form (issue 11) and numerics (issue 9) -------------------------------------------------------------------
 
 def float64_forward_kl(data, T, w, kv, want_diag=False):
-    """CE + T^2 forward KL over the shared vocab kv and the five diagnostics at T = 1, written directly in float64
-    (probabilities, no log-softmax), with teacher_p_true = 0 for a target outside the shared vocab."""
+    """CE + T^2 forward KL over the shared vocab kv and the diagnostics at T = 1, written directly in float64
+    (probabilities, no log-softmax), with teacher_p_true = 0 and no teacher_ce term for a target outside the shared
+    vocab."""
     hs, ws, ht, wt, y = [x.double() if x.is_floating_point() else x for x in data]
     hs, ws = hs.clone().requires_grad_(), ws.clone().requires_grad_()
     m = y.reshape(-1) != -100
@@ -338,7 +339,8 @@ def float64_forward_kl(data, T, w, kv, want_diag=False):
             inside = yy < kv
             diag = {"student_entropy": -(p * p.log()).sum(), "teacher_entropy": -(q * q.log()).sum(),
                     "kl": (q * (q / p).log()).sum(), "top1_agree": (p.argmax(-1) == q.argmax(-1)).double().sum(),
-                    "teacher_p_true": (q.gather(1, yy.clamp(max=kv - 1)[:, None]).squeeze(1) * inside).sum()}
+                    "teacher_p_true": (q.gather(1, yy.clamp(max=kv - 1)[:, None]).squeeze(1) * inside).sum(),
+                    "teacher_ce": -(q.gather(1, yy.clamp(max=kv - 1)[:, None]).squeeze(1).log() * inside).sum()}
     return loss, hs.grad, ws.grad, diag
 
 
@@ -497,7 +499,7 @@ def test_large_vocab_against_float64(T):
         if T == 1.0:
             assert rel(out.kd_sum, ref_diag["kl"]) <= 1e-5, (impl, cf)
         assert rel(gh, ref_gh) <= 1e-5 and rel(gw, ref_gw) <= 1e-5, (impl, cf)
-        for k in ("student_entropy", "teacher_entropy", "kl", "teacher_p_true"):
+        for k in ("student_entropy", "teacher_entropy", "kl", "teacher_p_true", "teacher_ce"):
             assert rel(out.diag[k], ref_diag[k]) <= 1e-5, (impl, cf, k)
 
 
