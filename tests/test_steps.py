@@ -1,6 +1,7 @@
-"""scripts/steps.py (what the recorded experiments share) and the step lists of scripts/mini_grid.py and
-scripts/cache_study.py: every training run they launch is a valid trainer command line."""
+"""scripts/steps.py (what the recorded experiments share) and the step lists of scripts/mini_grid.py,
+scripts/cache_study.py and scripts/tpp_sweep.py: every training run they launch is a valid trainer command line."""
 import json
+import math
 import os
 import sys
 
@@ -12,6 +13,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import cache_study  # noqa: E402
 import mini_grid  # noqa: E402
 import steps  # noqa: E402
+import tpp_sweep  # noqa: E402
 import train  # noqa: E402
 from distillery.config import load_config  # noqa: E402
 
@@ -73,3 +75,51 @@ def test_cache_study_steps_are_valid_commands():
         if cfg.teacher_cache:
             assert cfg.teacher_cache in caches and cfg.teacher == f"{cache_study.TEACHER}/export"
             assert cfg.alpha == 0.2 and cfg.teacher_cache_k in (0, 32, 64)
+
+
+def _fake_run(root, name, heldout_ce):
+    """A finished run as the scripts see it: export/config.json and eval/final.json with a held-out CE."""
+    d = root / "runs" / name
+    (d / "export").mkdir(parents=True)
+    (d / "export" / "config.json").write_text("{}")
+    (d / "eval").mkdir()
+    (d / "eval" / "final.json").write_text(json.dumps({"ppl": {"heldout": {"ce": heldout_ce}}}))
+
+
+def test_tpp_sweep_plan_and_weak_teacher_calibration(tmp_path, monkeypatch):
+    """Before the probes: baselines, probes and the strong teacher. After them: the weak teacher's budget by
+    log-linear interpolation to +0.17 nats (by hand below), then every distilled, compute-matched and controller run,
+    each a valid trainer command whose teacher / compute_match reference comes earlier in the plan."""
+    monkeypatch.chdir(tmp_path)
+    runs, complete = tpp_sweep.plan("r3", [43, 44], [0.2, 0.5])
+    assert not complete and [n for n, _, _ in runs] == [f"sweep/r3/{n}" for n in (
+        "base-s43", "probe-half", "probe-quarter", "t-strong", "base-s44")]
+    t = tpp_sweep.tokens("r3")
+    assert t % tpp_sweep.TOKENS_PER_STEP == 0 and abs(t / tpp_sweep.PARAMS - 3) < 0.01
+    _fake_run(tmp_path, "sweep/r3/base-s43", 4.0)
+    _fake_run(tmp_path, "sweep/r3/probe-half", 4.10)      # +0.10 at T/2
+    _fake_run(tmp_path, "sweep/r3/probe-quarter", 4.40)   # +0.40 at T/4
+    d, probe = tpp_sweep.weak_budget("r3")
+    half, quarter = t // 2 // 2048 * 2048, t // 4 // 2048 * 2048
+    b = (0.10 - 0.40) / math.log(half / quarter)
+    want = math.exp(math.log(quarter) + (0.17 - 0.40) / b)
+    assert probe is None and d == int(want) // 2048 * 2048 and quarter < d < half
+    cal = json.loads((tmp_path / "runs/sweep/r3/calibration.json").read_text())
+    assert cal["weak_tokens"] == d and cal["probes"][str(half)]["gap"] == pytest.approx(0.10)
+    runs, complete = tpp_sweep.plan("r3", [43, 44], [0.2, 0.5])
+    names = [n for n, _, _ in runs]
+    assert complete and len(names) == len(set(names)) == 5 + 1 + 2 * (2 * 2 + 2 + 2)
+    seen = set()
+    for name, config, over in runs + tpp_sweep.grid_controller_plan([43, 44]):
+        cfg = _train_args(steps.train_cmd(config, over, name))
+        assert cfg.name == name
+        if "/gap-" in name:
+            assert cfg.alpha_controller == "gap" and cfg.alpha == 0.5
+        for ref in (cfg.teacher if cfg.alpha > 0 else "", cfg.compute_match):
+            if ref and not ref.startswith("runs/mini/"):
+                assert ref.replace("runs/", "", 1).replace("/export", "") in seen, (name, ref)
+        seen.add(name)
+    # a probe within 0.03 nats of the target is the weak teacher itself
+    (tmp_path / "runs/sweep/r3/probe-half/eval/final.json").write_text(json.dumps({"ppl": {"heldout": {"ce": 4.18}}}))
+    assert tpp_sweep.weak_budget("r3") == (half, "sweep/r3/probe-half")
+    assert "sweep/r3/t-weak" not in [n for n, _, _ in tpp_sweep.plan("r3", [43], [0.2])[0]]
