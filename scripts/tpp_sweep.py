@@ -68,17 +68,27 @@ def weak_budget(regime):
     close = [d for d, g in gaps.items() if abs(g - WEAK_GAP) <= WEAK_TOL]
     if close:
         d, probe = close[0], probes[close[0]]
-    else:  # gap = a + b ln D through the two probes, solved for the target; kept within [T/8, T]
-        (d1, g1), (d2, g2) = sorted(gaps.items())
-        b = (g2 - g1) / math.log(d2 / d1)
-        d = math.exp(math.log(d1) + (WEAK_GAP - g1) / b) if b < 0 else t
-        d = int(min(max(d, t / 8), t)) // TOKENS_PER_STEP * TOKENS_PER_STEP
-        probe = None
+    else:
+        d, probe = interpolate({**gaps, t: 0.0}, t), None
     write_json(os.path.join(OUT, regime, "calibration.json"),
                {"baseline": base, "baseline_heldout_ce": ref, "target_gap": WEAK_GAP,
                 "probes": {str(k): {"run": probes[k], "gap": g} for k, g in gaps.items()},
                 "weak_tokens": d, "weak_run": probe or f"sweep/{regime}/t-weak"})
     return d, probe
+
+
+def interpolate(points, t):
+    """The token budget at which the gap is WEAK_GAP, from {tokens: gap} points: gap = a + b ln D through the two
+    points that bracket the target (the student's own architecture at T tokens is the baseline itself, gap 0, so
+    (T, 0) is one of the points; loss is not log-linear over a 4x range of budgets, hence the bracketing pair rather
+    than a fit through all); extrapolated from the two smallest budgets when every gap is below the target. In
+    whole steps, within [T/8, T]."""
+    pts = sorted(points.items())                       # increasing tokens, decreasing gap
+    pair = next(((p, q) for p, q in zip(pts, pts[1:]) if p[1] >= WEAK_GAP >= q[1]), pts[:2])
+    (d1, g1), (d2, g2) = pair
+    b = (g2 - g1) / math.log(d2 / d1)
+    d = math.exp(math.log(d1) + (WEAK_GAP - g1) / b) if b < 0 else t
+    return int(min(max(d, t / 8), t)) // TOKENS_PER_STEP * TOKENS_PER_STEP
 
 
 def teacher_dirs(regime, weak):

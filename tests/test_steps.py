@@ -101,9 +101,13 @@ def test_tpp_sweep_plan_and_weak_teacher_calibration(tmp_path, monkeypatch):
     _fake_run(tmp_path, "sweep/r3/probe-quarter", 4.40)   # +0.40 at T/4
     d, probe = tpp_sweep.weak_budget("r3")
     half, quarter = t // 2 // 2048 * 2048, t // 4 // 2048 * 2048
-    b = (0.10 - 0.40) / math.log(half / quarter)
+    b = (0.10 - 0.40) / math.log(half / quarter)   # the pair that brackets 0.17: T/4 and T/2
     want = math.exp(math.log(quarter) + (0.17 - 0.40) / b)
     assert probe is None and d == int(want) // 2048 * 2048 and quarter < d < half
+    # both probes above the target (as r1 came out): interpolate between T/2 and the baseline itself at (T, 0)
+    assert tpp_sweep.interpolate({half: 0.54, quarter: 0.92, t: 0.0}, t) == \
+        int(math.exp(math.log(half) + (0.17 - 0.54) / ((0.0 - 0.54) / math.log(t / half)))) // 2048 * 2048
+    assert tpp_sweep.interpolate({half: 0.05, quarter: 0.10, t: 0.0}, t) == t // 8 // 2048 * 2048  # clamped
     cal = json.loads((tmp_path / "runs/sweep/r3/calibration.json").read_text())
     assert cal["weak_tokens"] == d and cal["probes"][str(half)]["gap"] == pytest.approx(0.10)
     runs, complete = tpp_sweep.plan("r3", [43, 44], [0.2, 0.5])
