@@ -73,3 +73,60 @@ def test_packed_kd_loss_is_the_sum_of_the_documents(preset, impl):
     y[0, ends] = IGNORE_INDEX                                              # the boundary targets, left out
     per_doc = sum(sums(d[None], shift_targets(d[None])) for d in ds)
     torch.testing.assert_close(sums(packed, y), per_doc, rtol=1e-5, atol=1e-5)
+
+
+# ---- every attention kernel at every micro-batch size (issue 19) ------------------------------------------------------
+# transformers' real sdpa / eager / flash_attention_2 / flex_attention integration code; flash-attn and compiled flex
+# are replaced by stand-in kernels that compute the same thing on CPU (tests/attn_standins.py says how and why).
+
+def batch_docs(mb, seed):
+    """mb rows A_r|B_r|C_r of different documents (lengths 7, 10, 6 tokens + EOS), and B_r at the start of a row."""
+    g = torch.Generator().manual_seed(seed)
+    rows, alone = [], []
+    for _ in range(mb):
+        a, b, c = [torch.cat([torch.randint(1, V, (n,), generator=g), torch.tensor([EOS])]) for n in (7, 10, 6)]
+        rows.append(torch.cat([a, b, c]))
+        alone.append(torch.cat([b, c, a]))
+    return torch.stack(rows), torch.stack(alone), slice(8, 19)
+
+
+def student_hidden(student, monkeypatch):
+    """The student's hidden states as StudentWithLoss.forward hands them to the loss (the path that trains)."""
+    import distillery.engines as engines
+    seen = {}
+
+    def spy(**kw):
+        seen["h"] = kw["student_hidden"]
+        return compute_loss(**kw)
+    from distillery.loss import compute_loss
+    monkeypatch.setattr(engines, "compute_loss", spy)
+
+    def fn(x, pos):
+        student(input_ids=x, targets=shift_targets(x), position_ids=pos, impl="plain", w_ce=1.0, w_kd=0.0)
+        return seen["h"]
+    return fn
+
+
+@pytest.mark.parametrize("mb", [1, 2, 4])
+@pytest.mark.parametrize("kernel", ["flash_attention_2", "flex_attention", "sdpa", "eager"])
+@pytest.mark.parametrize("preset", ["micro", "micro-qwen3"])
+@torch.no_grad()
+def test_every_kernel_masks_documents_at_every_micro_batch(preset, kernel, mb, monkeypatch):
+    """A|B|C packed gives B's logits as B alone does (B at the start of its row), to fp32 rounding, for the student
+    (StudentWithLoss.forward) and the teacher (TeacherHidden), in every row of the micro-batch."""
+    from attn_standins import set_kernel, use_standins
+    use_standins(monkeypatch)
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    student = StudentWithLoss(set_kernel(AutoModelForCausalLM.from_config(hf_config(preset, V, 64)).eval(), kernel))
+    torch.manual_seed(1)
+    teacher = TeacherHidden(set_kernel(AutoModelForCausalLM.from_config(hf_config(preset, V, 64)).eval(), kernel))
+    x, alone, sb = batch_docs(mb, seed=mb)
+    w_s, w_t = student.lm.get_output_embeddings().weight, teacher.head_weight
+    for name, hidden, w in (("student", student_hidden(student, monkeypatch), w_s),
+                            ("teacher", lambda x, p: teacher(x, position_ids=p), w_t)):
+        packed = hidden(x, doc_positions(x, EOS))[:, sb] @ w.t()             # [mb, 11, V]
+        ref = hidden(alone, doc_positions(alone, EOS))[:, :11] @ w.t()
+        diff = (packed - ref).abs().max().item()
+        print(f"{preset} {kernel} micro-batch {mb} {name}: max |B packed - B alone| = {diff:.3g}")
+        torch.testing.assert_close(packed, ref, rtol=1e-5, atol=1e-5, msg=f"{name}: max diff {diff:.3g}")
