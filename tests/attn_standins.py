@@ -1,6 +1,8 @@
 """Stand-in attention kernels, so transformers' GPU-only attention integrations run on CPU in the tests.
 
-Only the kernel at the bottom is replaced; every line of transformers above it runs as it does on a GPU.
+Only the kernel at the bottom is replaced; every line of transformers above it runs as it does on a GPU, models
+are built as the trainer builds them (attn_implementation=<kernel>; the construction-time check that flash-attn is
+installed is told yes).
 
 flash_attention_2: transformers imports flash-attn's entry points lazily, in one function
 (`modeling_flash_attention_utils._lazy_imports` returns flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
@@ -78,20 +80,17 @@ def use_standins(monkeypatch, varlen=flash_attn_varlen_func):
     import transformers.modeling_flash_attention_utils as fa_utils
     from torch.nn.attention import flex_attention as torch_flex
     from torch.nn.attention.flex_attention import create_block_mask
+    from transformers import PreTrainedModel
 
     def lazy_imports(implementation, *args, **kwargs):
         return flash_attn_func, varlen, None, fa_utils._pad_input, fa_utils._unpad_input
 
     monkeypatch.setattr(fa_utils, "_lazy_imports", lazy_imports)
+    # model construction asks whether flash-attn is installed and usable on this device (it is not on CPU): yes
+    monkeypatch.setattr(PreTrainedModel, "_flash_attn_can_dispatch", lambda self, *a, **kw: True)
     monkeypatch.setattr(fa_utils, "_loaded_implementation", None)  # restored to None: the next test re-imports
     monkeypatch.setattr(masking, "create_block_mask", lambda *a, _compile=None, **kw: create_block_mask(*a, **kw))
     monkeypatch.setattr(flex_integration, "compile_friendly_flex_attention", eager_flex_attention)
     monkeypatch.setattr(torch_flex, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)
 
 
-def set_kernel(model, kernel):
-    """Switch a built model to `kernel`: transformers reads config._attn_implementation at every forward (attention
-    dispatch and mask construction). Set after construction because construction checks that flash-attn is
-    installed, which it is not on CPU."""
-    model.config._attn_implementation = kernel
-    return model

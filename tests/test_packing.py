@@ -114,13 +114,14 @@ def student_hidden(student, monkeypatch):
 def test_every_kernel_masks_documents_at_every_micro_batch(preset, kernel, mb, monkeypatch):
     """A|B|C packed gives B's logits as B alone does (B at the start of its row), to fp32 rounding, for the student
     (StudentWithLoss.forward) and the teacher (TeacherHidden), in every row of the micro-batch."""
-    from attn_standins import set_kernel, use_standins
+    from attn_standins import use_standins
     use_standins(monkeypatch)
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
-    student = StudentWithLoss(set_kernel(AutoModelForCausalLM.from_config(hf_config(preset, V, 64)).eval(), kernel))
+    student = StudentWithLoss(AutoModelForCausalLM.from_config(hf_config(preset, V, 64, kernel)).eval())
     torch.manual_seed(1)
-    teacher = TeacherHidden(set_kernel(AutoModelForCausalLM.from_config(hf_config(preset, V, 64)).eval(), kernel))
+    teacher = TeacherHidden(AutoModelForCausalLM.from_config(hf_config(preset, V, 64, kernel)).eval())
+    assert student.lm.config._attn_implementation == teacher.lm.config._attn_implementation == kernel
     x, alone, sb = batch_docs(mb, seed=mb)
     w_s, w_t = student.lm.get_output_embeddings().weight, teacher.head_weight
     for name, hidden, w in (("student", student_hidden(student, monkeypatch), w_s),
