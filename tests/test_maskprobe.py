@@ -146,3 +146,20 @@ def test_run_says_masking_was_verified_and_takes_a_registered_kernel(data_dir, t
         train.resolve(train.parse_args([*argv, "attn_impl=my_unmasked_kernel"]))
     assert train.resolve(train.parse_args([*argv, "attn_impl=my_unmasked_kernel", "doc_mask=false"]))
     assert not os.listdir(tmp_path)
+
+
+def test_cli_one_json_line_per_machine(monkeypatch, capsys):
+    """`python -m distillery.maskprobe` (bench/gpu_checks.sh, part right): every kernel asked for at every
+    micro-batch, kernels not installed skipped, exit code 1 when one attends across documents."""
+    import json
+    monkeypatch.setattr("distillery.maskprobe.installed", lambda k: k != "flash_attention_3")
+    assert maskprobe.main(["--presets", "micro", "micro-qwen3", "--kernels", "auto", "eager", "flash_attention_3",
+                           "--micro_batch", "1", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["bench"] == "doc_mask_probe" and out["device"] == "cpu" and out["dtype"] == "fp32"
+    assert [k for k, v in out["results"].items() if v["ok"]] == ["auto=sdpa@mb1", "auto=sdpa@mb2", "eager@mb1",
+                                                                 "eager@mb2"]
+    assert out["results"]["flash_attention_3"] == {"ok": None, "skipped": "not installed here"}
+    register(monkeypatch, "sdpa", sdpa_without_mask)
+    assert maskprobe.main(["--presets", "micro", "--kernels", "sdpa", "--micro_batch", "2"]) == 1
+    assert json.loads(capsys.readouterr().out)["results"]["sdpa@mb2"]["ok"] is False
