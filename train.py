@@ -28,7 +28,7 @@ if not torch.cuda.is_available():  # say so up front instead of DeepSpeed's acce
 import torch.distributed as dist
 
 import plugins
-from distillery import checkpoint, resume, runlog, shards
+from distillery import checkpoint, maskprobe, resume, runlog, shards
 from distillery.config import Config, load_config, save_config, to_dict
 from distillery.engines import (batch_layout, init_student, init_teacher, load_ds_config, student_ds_config,
                                 teacher_ds_config)
@@ -114,6 +114,8 @@ def resolve(args):
         objective = dataclasses.replace(objective, kd_vocab=check_model_dir(cfg.teacher, index, who="teacher"))
     elif cfg.teacher and cfg.teacher != Config.teacher and rank_world()[0] == 0:
         print(f"note: KD weight is 0 at every step, so teacher={cfg.teacher} is not loaded")
+    if cfg.doc_mask:  # the kernel keeps packed documents apart at this micro-batch on these models, or the run stops
+        maskprobe.check_run(cfg, ds_base, index, live_teacher=objective.kd_vocab is not None and cache is None)
     return Plan(cfg, ds_base, index, world, grad_accum, total_steps, objective, callbacks, cache)
 
 

@@ -5,7 +5,7 @@
 #   bash bench/gpu_checks.sh [--part P] [path/to/gpu_anchor.py]   # results under $OUT (or gpu_out/), a file per check
 #   bash bench/gpu_checks.sh --cpu [--part P]                     # the CPU twin: the same scripts without --gpu
 # Parts, in issue 14's order, each under ten minutes: runs (the GPU tests, the fused head in bf16), right (train.py vs
-# a plain-torch loop, 200 steps, alpha 0.2 and 0), fast (the anchor, the trainer's step vs naive KD, MFU against the
+# a plain-torch loop, 200 steps, alpha 0.2 and 0; document masking on every attention kernel), fast (the anchor, the trainer's step vs naive KD, MFU against the
 # measured matmul peak), paper (the study's 1.7B / 0.7B pair at seq 8192, checkpointing on); all = every one.
 # Record the JSON lines in docs/benchmarks.md with the device name.
 set -uo pipefail
@@ -44,6 +44,13 @@ if want right; then
   data=data/offline seq=128; [ "$mode" = gpu ] && data=data/offline-2048 seq=2048
   [ -f "$data/index.json" ] || "$PY" -m data_prep.offline --out "$data" --vocab_size 2048 --seq_len $seq 2>&1 | tail -2
   timeout 360 "$PY" bench/reference_loop.py $flag --data "$data" 2>&1 | tee "$out/reference_loop.txt"
+  # document masking on the real kernels (distillery/maskprobe.py, the start-of-run probe): auto and every built-in
+  # kernel installed here (GPU: flash-attn 2/3 if installed, compiled flex, sdpa, eager; CPU: sdpa, eager), at
+  # micro-batch 1, 2, 4, on one-layer copies of the study's pair and a Qwen3 (GPU, bf16) or the CPU presets (fp32):
+  # a packed document's hidden states == the document alone. One JSON line; exit code 1 if a kernel fails.
+  probe="--presets micro micro-qwen3 tiny-student --kernels auto sdpa eager"
+  [ "$mode" = gpu ] && probe="--presets llama3-1.7b llama3-0.7b qwen3-0.6b"
+  timeout 150 "$PY" -m distillery.maskprobe $probe 2>&1 | tee "$out/doc_mask_probe.txt"
 fi
 if want fast; then
   # the anchor (baseline of every comparison), same machine, same call

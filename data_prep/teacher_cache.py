@@ -182,6 +182,12 @@ def run(a):
                 raise DataError(f"{a.out} holds a partial teacher cache with other arguments; rerun with the same "
                                 f"arguments or delete {a.out}")
 
+    if a.doc_mask:  # the teacher's kernel keeps packed documents apart at --batch_size, or stop: nothing written yet
+        from distillery import maskprobe
+        from distillery.models import attn_implementation
+        maskprobe.check_dir(a.teacher, attn_implementation("auto", True), a.batch_size, ds_base, a.trust_remote_code,
+                            say=say)
+
     import torch
     import torch.distributed as dist
     from distillery.launch import init_distributed

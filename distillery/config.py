@@ -37,7 +37,9 @@ class Config:
     teacher_cache_mode: str = "renorm"  # top-k caches: renorm | tail | support (docs/teacher_cache.md); sampled: -
     teacher_cache_k: int = 0           # use the first k entries of a top-k cache (0: all it holds)
     trust_remote_code: bool = False    # only for teachers that need custom modelling code
-    attn_impl: str = "auto"            # auto: flash_attention_2 when installed on GPU, else sdpa
+    attn_impl: str = "auto"            # auto: flash_attention_2 when installed on GPU, flex_attention on GPU with
+                                       # doc_mask, else sdpa; or any kernel registered with transformers (the start-
+                                       # of-run probe checks it keeps documents apart: distillery/maskprobe.py)
     grad_ckpt: bool = False            # activation checkpointing of the student (paper: full recompute)
     doc_mask: bool = True              # packed documents attend only within themselves, teacher too (the study's
                                        # setting; distillery/packing.py); false: one causal sequence per row

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from distillery.config import ConfigError
 from distillery.loss import compute_loss
+from distillery.packing import hidden_states
 
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
               "gradient_clipping", "optimizer", "scheduler")
@@ -94,10 +95,9 @@ class StudentWithLoss(nn.Module):
             deepspeed.zero.register_external_parameter(self, w)
 
     def forward(self, input_ids, targets, teacher_hidden=None, teacher_weight=None, position_ids=None, **loss_kw):
-        # position_ids [B, S] restarting per document (distillery/packing.py) make transformers mask attention per
-        # document; None is one causal sequence per row.
-        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids,
-                               use_cache=False).last_hidden_state                  # [B, S, H]
+        # position_ids [B, S] restarting per document (distillery/packing.py): attention per document on every
+        # kernel and micro-batch size; None is one causal sequence per row.
+        hidden = hidden_states(self.lm.model, input_ids, position_ids)           # [B, S, H]
         parts = compute_loss(student_hidden=hidden, student_weight=self.lm.get_output_embeddings().weight,
                              targets=targets, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                              **loss_kw)
@@ -117,8 +117,7 @@ class TeacherHidden(nn.Module):
 
     def forward(self, input_ids, position_ids=None):
         # the student's positions: the teacher sees exactly the context the student sees (peers_and_pitfalls.md)
-        return self.lm.model(input_ids=input_ids, position_ids=position_ids,
-                             use_cache=False).last_hidden_state                    # [B, S, Ht]
+        return hidden_states(self.lm.model, input_ids, position_ids)              # [B, S, Ht]
 
     @property
     def head_weight(self):

@@ -48,8 +48,19 @@ def attn_implementation(requested="auto", doc_mask=False):
     """The attention kernel: an explicit choice, or for auto the fastest one that is here. With document masking
     the mask is block-diagonal: flash-attn 2 runs it as varlen (no mask tensor at all); without flash-attn, flex
     attention compiles the block mask into a sparse kernel on GPU; SDPA would get a dense boolean mask, which rules
-    out its flash kernel. On CPU (and without doc_mask) SDPA."""
+    out its flash kernel. On CPU (and without doc_mask) SDPA.
+
+    An explicit choice must be a kernel transformers knows: eager, a built-in one, or one registered with
+    transformers.AttentionInterface (e.g. from a plugins/ file, imported before this runs). Whether it keeps packed
+    documents apart is checked at the start of every run (distillery/maskprobe.py)."""
     if requested != "auto":
+        from transformers import AttentionInterface
+        known = ["eager", *AttentionInterface._global_mapping]
+        if requested not in known:
+            raise ConfigError(f"attn_impl={requested!r} is not an attention kernel transformers knows; use auto or "
+                              f"one of {', '.join(known)} (a kernel of your own: register it in a plugins/ "
+                              f"file with transformers.AttentionInterface.register(name, fn), and its mask with "
+                              f"transformers.masking_utils.AttentionMaskInterface.register(name, mask_fn))")
         return requested
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"

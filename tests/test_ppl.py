@@ -197,3 +197,20 @@ def test_cli_refuses_other_tokenizer(model_and_data, tmp_path):
         os.makedirs(tmp_path / "run_no_export")
         (tmp_path / "run_no_export" / "config.yaml").write_text("data: {}\n")
         common.resolve_model_dir(str(tmp_path / "run_no_export"))
+
+
+@pytest.mark.parametrize("kernel", ["flash_attention_2", "flex_attention", "eager"])
+def test_windows_score_the_same_on_every_kernel(kernel, monkeypatch):
+    """Evaluation windows pass no positions (one causal sequence each, docs/evaluation.md), so transformers' flash and
+    flex paths (CPU stand-in kernels, tests/attn_standins.py) and eager score them as sdpa does, 4 windows a batch,
+    EOS tokens inside the windows included; the logit analysis calls the model the same way."""
+    from attn_standins import use_standins
+    use_standins(monkeypatch)
+    model = T.tiny_llama(seed=1, vocab_size=64)
+    g = np.random.default_rng(0)
+    tokens = g.integers(1, 64, 8 * 32)
+    tokens[g.integers(0, len(tokens), 20)] = 0                       # EOS (id 0) inside windows
+    ref = ppl.windowed_eval(ppl.hf_loss_fn(model, entropy=True), tokens, window=32, max_windows=8, batch_size=4)
+    model.config._attn_implementation = kernel                       # read at every forward
+    got = ppl.windowed_eval(ppl.hf_loss_fn(model, entropy=True), tokens, window=32, max_windows=8, batch_size=4)
+    assert got["ce"] == pytest.approx(ref["ce"], rel=1e-6) and got["entropy"] == pytest.approx(ref["entropy"], rel=1e-6)

@@ -247,3 +247,15 @@ def test_trainer_refuses_a_mismatched_cache(small, topk_cache, tmp_path, monkeyp
     shutil.copytree(other, home / train.Config.teacher)
     monkeypatch.chdir(home)
     assert train.resolve(train.parse_args(argv)).cache is not None
+
+
+def test_builder_refuses_a_kernel_that_attends_across_documents(small, tmp_path, monkeypatch):
+    """The teacher's kernel broken on purpose (sdpa handed no mask, tests/test_maskprobe.py): the builder stops at
+    start with one line naming the kernel, before it writes anything; --no_doc_mask needs no probe."""
+    from test_maskprobe import register, sdpa_without_mask
+    register(monkeypatch, "sdpa", sdpa_without_mask)
+    out = tmp_path / "c"
+    with pytest.raises(ConfigError, match="document masking fails on attention kernel sdpa at micro-batch 8 "
+                                          r"\(teacher") as e:
+        gen.main(args(small, out))
+    assert "\n" not in str(e.value) and not out.exists()
