@@ -116,18 +116,23 @@ def resolve(args):
 
 def open_cache(cfg):
     """The teacher cache, checked against this run (data, tokenizer, temperature, doc_mask, k) before any work. A
-    teacher= given (not the default) that exists here must be the cache's teacher: the run's config then names what
-    made its targets. One that does not exist here is not needed (the point of a cache); the default path is no
-    claim (it exists on any machine that ran the offline study)."""
+    teacher= given (not the default) that exists here must be the cache's teacher, by config and weights (content
+    hash); one that does not exist here is not needed (the point of a cache). The default teacher= is no claim: the
+    run records the cache's own teacher, so config.yaml, the report and compute_match name what made its targets."""
     from distillery.teacher_cache import CacheReader
     if cfg.divergence != "forward_kl":
         raise ConfigError(f"teacher_cache distills with the cache's sparse forward KL (teacher_cache_mode="
                           f"{cfg.teacher_cache_mode}); divergence={cfg.divergence} needs the live teacher: drop "
                           f"teacher_cache")
-    return CacheReader(cfg.teacher_cache).check(cfg.data, cfg.temperature, cfg.doc_mask,
-                                                k_needed=cfg.teacher_cache_k or None,
-                                                teacher=cfg.teacher if cfg.teacher != Config.teacher
-                                                and os.path.isdir(cfg.teacher or "") else None)
+    given = cfg.teacher != Config.teacher
+    cache = CacheReader(cfg.teacher_cache).check(cfg.data, cfg.temperature, cfg.doc_mask,
+                                                 k_needed=cfg.teacher_cache_k or None, mode=cfg.teacher_cache_mode,
+                                                 teacher=cfg.teacher if given and os.path.isdir(cfg.teacher) else None)
+    if not given:
+        cfg.teacher = cache.index["teacher"]["path"]
+    for n in cache.notes if rank_world()[0] == 0 else ():
+        print(f"note: {n}")
+    return cache
 
 
 def check_data(cfg):

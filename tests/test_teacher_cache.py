@@ -247,3 +247,28 @@ def test_trainer_refuses_a_mismatched_cache(small, topk_cache, tmp_path, monkeyp
     shutil.copytree(other, home / train.Config.teacher)
     monkeypatch.chdir(home)
     assert train.resolve(train.parse_args(argv)).cache is not None
+
+
+def test_cache_knows_its_teacher_by_its_weights(small, topk_cache, tmp_path):
+    """Issue 20, item 1: the cache records its teacher's weights hash; teacher= naming a model of the same
+    architecture with other weights (the 0.7B/30B vs 0.7B/300B case) is refused before anything is written; with
+    the default teacher= (no claim) the run records the cache's own teacher, so config.yaml, the report and
+    compute_match name the model that made the targets."""
+    import train
+    from conftest import BASE
+    from distillery.models import weights_sha256
+    ix = json.load(open(topk_cache / "index.json"))
+    assert ix["teacher"]["weights_sha256"] == weights_sha256(str(small / "teacher"))
+    other = tmp_path / "other-teacher"
+    make_teacher(str(small / "data"), other, seed=1)     # same preset, same config.json, other weights
+    assert (other / "config.json").read_text() == (small / "teacher" / "config.json").read_text()
+    out = tmp_path / "runs"
+    argv = ["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={small / 'data'}", f"out_dir={out}", *BASE,
+            "alpha=0.5", "temperature=2", f"teacher_cache={topk_cache}"]
+    with pytest.raises(DistilleryError, match="other weights") as e:
+        train.resolve(train.parse_args([*argv, f"teacher={other}"]))
+    assert "\n" not in str(e.value) and not out.exists()
+    assert train.resolve(train.parse_args([*argv, f"teacher={small / 'teacher'}"])).cfg.teacher == \
+        str(small / "teacher")
+    plan = train.resolve(train.parse_args(argv))  # the default teacher=
+    assert plan.cfg.teacher == ix["teacher"]["path"] == os.path.abspath(small / "teacher")
