@@ -227,8 +227,9 @@ def start(plan, rank, world):
     preemption = Preemption()  # before the slow part: a signal during start-up is honoured at the first step
     where = checkpoint.find_resume(cfg)  # verified, with fallback to the newest intact checkpoint
     engine, teacher = build_engines(plan, where)
-    ledger = ComputeLedger(engine.module.lm.config, cfg.seq_len, teacher.module.lm.config if teacher else None,
-                           teacher_pretrain_flops=(export_pretrain_flops(cfg.teacher) or 0) if teacher else 0)
+    t_conf = teacher.module.lm.config if teacher else plan.cache.teacher_config if plan.cache else None
+    ledger = ComputeLedger(engine.module.lm.config, cfg.seq_len, t_conf, cached=plan.cache is not None,
+                           teacher_pretrain_flops=(export_pretrain_flops(cfg.teacher) or 0) if t_conf else 0)
     start_step = 0
     if where is not None:
         client = checkpoint.load(engine, cfg, where)

@@ -22,7 +22,8 @@ metrics.jsonl ("eval/<set>/ppl", or exp of "eval/<set>/loss"). Entropy change, s
 baseline, on the in-domain text: the "entropy" of <run>/eval/ppl.json (`python -m eval.ppl --entropy`, the paper's
 analysis on fixed text) when both runs have it, else their last logged "entropy/student" (training batches; a run
 without a teacher logs none).
-Compute: the last "compute/run_flops" of metrics.jsonl (student training + teacher forward, what compute_match equals),
+Compute: the last "compute/run_flops" of metrics.jsonl (student training + the teacher forward over its tokens, run
+live or read from a teacher cache: what compute_match equals),
 or "compute/total_flops" (+ the teacher's amortised pretraining) where the compute-matched baseline was matched with
 compute_match_pretrain=true; a run that logs only total_flops is read from that. Teacher size: parameters of <teacher>/config.json; teacher
 tokens: <teacher>/distillery_compute.json "tokens", else the train_tokens of <teacher>/distillery_config.yaml.
@@ -575,7 +576,8 @@ def markdown(summary, figs):
         kinds = {r["flops_kind"] for r in rs if r["flops_mean"] is not None}
         if kinds:
             out.append("\nFLOPs: " + " and ".join(sorted(
-                {"run_flops": "student training + teacher forward (`compute/run_flops`)",
+                {"run_flops": "student training + teacher forward, live or spent by a teacher cache on the rows "
+                              "the run read (`compute/run_flops`)",
                  "flops": "student training + teacher forward + the teacher's amortised pretraining "
                           "(`compute/total_flops`, the baselines set compute_match_pretrain)"}[k] for k in kinds))
                        + "; the ratio is the baseline's share of the distilled run's.\n")

@@ -272,3 +272,28 @@ def test_cache_knows_its_teacher_by_its_weights(small, topk_cache, tmp_path):
         str(small / "teacher")
     plan = train.resolve(train.parse_args(argv))  # the default teacher=
     assert plan.cfg.teacher == ix["teacher"]["path"] == os.path.abspath(small / "teacher")
+
+
+def test_compute_match_against_a_cached_run_agrees_with_its_ledger(small, topk_cache, tmp_path):
+    """Issue 20, item 2: a cached run runs no teacher (compute/teacher_flops = 0) but is charged the forward its
+    cache spent on the rows it read (compute/teacher_cache_flops), so its run_flops equal an online run's on the same
+    tokens; a baseline with compute_match= that run gets the FLOPs its ledger logged (within half a step)."""
+    import train
+    from conftest import BASE, read_metrics, run_inprocess
+    from distillery import flops
+    steps, tokens_per_step = 3, 8 * 64
+    run_inprocess(str(small / "data"), tmp_path, "name=cached", f"teacher_cache={topk_cache}", "temperature=2",
+                  "alpha=0.5", f"train_tokens={steps * tokens_per_step}", "callbacks=[]", "eval_interval=-1",
+                  "export=false")
+    m, _ = read_metrics(tmp_path / "cached")
+    last = m[steps]
+    plan = train.resolve(train.parse_args(["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={small / 'data'}",
+                                           f"out_dir={tmp_path}", *BASE, "name=base", "alpha=0",
+                                           f"compute_match={tmp_path / 'cached'}"]))
+    per_token = last["compute/student_flops"] / (steps * tokens_per_step)
+    assert plan.cfg.train_tokens > steps * tokens_per_step
+    assert abs(plan.cfg.train_tokens * per_token - last["compute/run_flops"]) <= 0.5 * per_token * tokens_per_step, \
+        (plan.cfg.train_tokens * per_token, last["compute/run_flops"])
+    teacher = flops.teacher_forward_flops(str(small / "teacher"), steps * tokens_per_step, 64)
+    assert last["compute/teacher_flops"] == 0 and last["compute/teacher_cache_flops"] == pytest.approx(teacher)
+    assert last["compute/run_flops"] == pytest.approx(last["compute/student_flops"] + teacher)
