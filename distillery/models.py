@@ -51,6 +51,11 @@ def attn_implementation(requested="auto", doc_mask=False):
     attention compiles the block mask into a sparse kernel on GPU; SDPA would get a dense boolean mask, which rules
     out its flash kernel. On CPU (and without doc_mask) SDPA."""
     if requested != "auto":
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+        if requested not in known and "/" not in requested:  # "org/repo": a hub kernel transformers fetches itself
+            raise ConfigError(f"attn_impl={requested!r} is not an attention kernel transformers knows; use auto or "
+                              f"one of {', '.join(known)}")
         return requested
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"

@@ -125,3 +125,20 @@ def test_callback_error_prints_one_line(data_dir, tmp_path):
                      "data_prep output directory"]
     assert "Traceback" not in p.stderr
     assert not os.path.exists(tmp_path / "cb" / "metrics.jsonl")  # no step ran
+
+
+# Issue 20, item 3: options the first micro-step used to find (a TypeError / ValueError from the divergence, after
+# config.yaml was written) and attn_impl (a transformers error while the engines were built) stop resolve() instead.
+@pytest.mark.parametrize("overrides, needle", [
+    (["divergence_args={bogus: 1}"], "divergence forward_kl rejects divergence_args {'bogus': 1}"),
+    (["divergence=top_k"], "divergence top_k rejects divergence_args {}: top_k: give exactly one of k"),
+    (["divergence=top_k", "divergence_args={k: 0}"], "top_k: k must be >= 1, got 0"),
+    (["divergence=jsd", "divergence_args={beta: 2}"], "jsd: beta must be in [0, 1], got 2"),
+    (["attn_impl=bogus"], "attn_impl='bogus' is not an attention kernel transformers knows"),
+])
+def test_options_used_only_by_the_first_step_are_checked_in_resolve(data_dir, teacher_dir, tmp_path, overrides,
+                                                                     needle):
+    with pytest.raises(ConfigError) as e:
+        resolve(data_dir, tmp_path, "alpha=0.5", f"teacher={teacher_dir}", *overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not os.listdir(tmp_path)

@@ -297,3 +297,24 @@ def test_compute_match_against_a_cached_run_agrees_with_its_ledger(small, topk_c
     teacher = flops.teacher_forward_flops(str(small / "teacher"), steps * tokens_per_step, 64)
     assert last["compute/teacher_flops"] == 0 and last["compute/teacher_cache_flops"] == pytest.approx(teacher)
     assert last["compute/run_flops"] == pytest.approx(last["compute/student_flops"] + teacher)
+
+
+def test_cache_mode_is_checked_before_anything_is_written(small, tmp_path):
+    """Issue 20, item 3: teacher_cache_mode=bogus stops the run when the config is read (it used to fail at the first
+    micro-step, after config.yaml was written, and the corrected rerun was then refused as a change of a
+    run-defining key), also with a sampled cache (where it used to be accepted and recorded); a top-k mode with a
+    sampled cache is refused in resolve()."""
+    import train
+    from conftest import BASE
+    sampled = tmp_path / "c-sampled"
+    gen.main(args(small, sampled, method="sampled", k=4))
+    out = tmp_path / "runs"
+    argv = ["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={small / 'data'}", f"out_dir={out}", *BASE,
+            "alpha=0.5", f"teacher_cache={sampled}", "callbacks=[]", "eval_interval=-1", "export=false"]
+    with pytest.raises(ConfigError, match="teacher_cache_mode='bogus': use renorm, tail or support") as e:
+        train.main([*argv, "teacher_cache_mode=bogus"])
+    assert "\n" not in str(e.value) and not out.exists()
+    with pytest.raises(ConfigError, match="teacher_cache_mode=tail is for top-k caches") as e:
+        train.resolve(train.parse_args([*argv, "teacher_cache_mode=tail"]))
+    assert "\n" not in str(e.value) and not out.exists()
+    assert train.main([*argv, "max_steps=1"]) == str(out / "default")  # the default mode trains from it
