@@ -46,6 +46,7 @@ from distillery.runlock import RunLock
 from distillery.sampler import RankReader
 from distillery.shards import load_stream, read_index
 from distillery.step import StepStats, Timer, micro_step
+from distillery.teacher_cache import open_cache
 from eval import ppl
 from plugins.base import Callbacks, Context, NullWriter
 
@@ -102,7 +103,7 @@ def resolve(args):
     callbacks = Callbacks.build(cfg.callbacks, cfg.callback_args)
     cache = None
     if objective.needs_teacher() and cfg.teacher_cache:  # sparse targets from disk, no teacher in the process
-        cache = open_cache(cfg)
+        cache = open_cache(cfg, rank_world()[0] == 0)
         objective = dataclasses.replace(objective, impl="sparse", kd_vocab=cache.kd_vocab)
     elif objective.needs_teacher():
         if not cfg.teacher:
@@ -112,27 +113,6 @@ def resolve(args):
     elif cfg.teacher and cfg.teacher != Config.teacher and rank_world()[0] == 0:
         print(f"note: KD weight is 0 at every step, so teacher={cfg.teacher} is not loaded")
     return Plan(cfg, ds_base, index, world, grad_accum, total_steps, objective, callbacks, cache)
-
-
-def open_cache(cfg):
-    """The teacher cache, checked against this run (data, tokenizer, temperature, doc_mask, k) before any work. A
-    teacher= given (not the default) that exists here must be the cache's teacher, by config and weights (content
-    hash); one that does not exist here is not needed (the point of a cache). The default teacher= is no claim: the
-    run records the cache's own teacher, so config.yaml, the report and compute_match name what made its targets."""
-    from distillery.teacher_cache import CacheReader
-    if cfg.divergence != "forward_kl":
-        raise ConfigError(f"teacher_cache distills with the cache's sparse forward KL (teacher_cache_mode="
-                          f"{cfg.teacher_cache_mode}); divergence={cfg.divergence} needs the live teacher: drop "
-                          f"teacher_cache")
-    given = cfg.teacher != Config.teacher
-    cache = CacheReader(cfg.teacher_cache).check(cfg.data, cfg.temperature, cfg.doc_mask,
-                                                 k_needed=cfg.teacher_cache_k or None, mode=cfg.teacher_cache_mode,
-                                                 teacher=cfg.teacher if given and os.path.isdir(cfg.teacher) else None)
-    if not given:
-        cfg.teacher = cache.index["teacher"]["path"]
-    for n in cache.notes if rank_world()[0] == 0 else ():
-        print(f"note: {n}")
-    return cache
 
 
 def check_data(cfg):
@@ -157,6 +137,8 @@ def check_data(cfg):
         raise DataError(f"eval set(s) {', '.join(missing)} not in {eval_dir} (it has: {', '.join(streams)}); "
                         f"fix eval_sets= or build them with data_prep")
     cfg.eval_sets = list(cfg.eval_sets) or streams
+    if cfg.eval_interval >= 0 or "eval_final" in cfg.callbacks:  # an evaluation will read them
+        shards.check_eval_windows(eval_dir, eval_index, cfg.eval_sets, cfg.eval_window)
     if cfg.export and not os.path.isdir(os.path.join(cfg.data, "tokenizer")):
         raise DataError(f"data set {cfg.data} has no tokenizer/: the exported student would have none and could not "
                         f"serve as a teacher; copy the tokenizer into {cfg.data}/tokenizer, or set export=false")
@@ -377,6 +359,8 @@ def finish(run, last_step):
     run.plan.callbacks("on_train_end", ctx, step=last_step, export_dir=export_dir, metrics=final)
     if final:
         ctx.log(last_step, final)
+    if ctx.rank == 0 and last_step == run.plan.total_steps:  # last: reports and sweeps read only finished runs
+        runlog.mark_finished(cfg.run_dir, last_step, run.plan.total_steps, export_dir)
 
 
 def main(argv=None):

@@ -117,6 +117,12 @@ MAY_CHANGE = ("name", "out_dir", "eval_data", "eval_sets", "teacher_offload", "t
               "max_steps", "lr", "min_lr_frac", "warmup_frac", "grad_clip", "log_interval", "eval_interval", "eval_window", "eval_max_windows",
               "eval_batch_size", "callbacks", "callback_args", "save_interval", "resume", "keep_last", "export",
               "export_dtype", "verify_data", "max_bad_steps", "max_skipped_frac")
+# The run-defining keys that make a run a distillation of some teacher: an alpha = 0 baseline differs from the run
+# it is compared with in these (a compute-matched one in train_tokens too) and shares every other key of
+# RUN_DEFINING; eval/report.py pairs a run with a baseline on exactly those others (plus the evaluation itself).
+KD_KEYS = ("teacher", "teacher_cache", "teacher_cache_mode", "teacher_cache_k", "alpha", "temperature", "divergence",
+           "divergence_args", "mix", "alpha_schedule", "alpha_start", "alpha_end", "alpha_warmup_frac",
+           "alpha_decay_frac", "compute_match", "compute_match_pretrain")
 _TYPES = typing.get_type_hints(Config)
 
 

@@ -311,3 +311,26 @@ class CacheReader:
             rest = torch.logaddexp(rest.double(), vals[..., k:].double().logsumexp(-1)).float()
             ids, vals = ids[..., :k].contiguous(), vals[..., :k].contiguous()
         return ids, vals, rest
+
+
+def open_cache(cfg, say=True):
+    """The run's teacher cache (cfg.teacher_cache), checked against the run (data, tokenizer, temperature, doc_mask,
+    k, mode) before any work. A teacher= given (not the default) that exists here must be the cache's teacher, by
+    config and weights (check_teacher); one that does not exist here is not needed (the point of a cache). The
+    default teacher= is no claim (it exists on any machine that ran the offline study): the run records the cache's
+    own teacher in cfg.teacher, so config.yaml, the report and compute_match name what made its targets. `say`:
+    print check()'s notes (rank 0)."""
+    from distillery.config import Config
+    if cfg.divergence != "forward_kl":
+        raise ConfigError(f"teacher_cache distills with the cache's sparse forward KL (teacher_cache_mode="
+                          f"{cfg.teacher_cache_mode}); divergence={cfg.divergence} needs the live teacher: drop "
+                          f"teacher_cache")
+    given = cfg.teacher != Config.teacher
+    cache = CacheReader(cfg.teacher_cache).check(cfg.data, cfg.temperature, cfg.doc_mask,
+                                                 k_needed=cfg.teacher_cache_k or None, mode=cfg.teacher_cache_mode,
+                                                 teacher=cfg.teacher if given and os.path.isdir(cfg.teacher) else None)
+    if not given:
+        cfg.teacher = cache.index["teacher"]["path"]
+    for n in cache.notes if say else ():
+        print(f"note: {n}")
+    return cache

@@ -73,9 +73,10 @@ def test_ds_configs_hold_engine_settings_only(path):
 
 def test_every_key_is_classified_for_resume():
     """Each config key is either run-defining (refused when changed on resume) or may change (applied, recorded)."""
-    from distillery.config import FIELDS, MAY_CHANGE, RUN_DEFINING
+    from distillery.config import FIELDS, KD_KEYS, MAY_CHANGE, RUN_DEFINING
     assert not set(RUN_DEFINING) & set(MAY_CHANGE)
     assert set(RUN_DEFINING) | set(MAY_CHANGE) == set(FIELDS)
+    assert set(KD_KEYS) < set(RUN_DEFINING)  # what a baseline may differ in (eval/report.py pairs on the rest)
 
 
 def test_yaml_syntax_error_is_one_line(tmp_path):
