@@ -357,9 +357,10 @@ def summarize(runs, in_domain="heldout", by=(), teacher_roots=()):
         elif not r["ppl"]:
             notes.append(f"{r['dir']}: no evaluation of its final model (step {r['finished']}: no eval/final.json, no "
                          f"eval record); left out")
-        elif r["finished_how"] != runlog.FINISHED:
-            notes.append(f"{r['dir']}: no {runlog.FINISHED} (a run from before the marker); taken as finished because "
-                         f"metrics.jsonl reaches the schedule's last step ({r['finished']})")
+    legacy = [r["dir"] for r in runs if r["ppl"] and r["finished_how"] != runlog.FINISHED]
+    if legacy:
+        notes.append(f"no {runlog.FINISHED} (runs from before the marker), taken as finished because metrics.jsonl "
+                     f"reaches the schedule's last step: {', '.join(legacy)}")
     runs = [r for r in runs if r["ppl"]]
     if not any(r["role"] == "distilled" for r in runs):
         raise EvalError(f"no distilled run (alpha > 0) with an evaluation among {len(runs)} evaluated runs; "

@@ -262,7 +262,8 @@ def test_only_finished_runs_count_and_pairs_share_every_run_defining_key(tmp_pat
     summary = report.main([str(grid), "--out", str(tmp_path / "rep")])
     got, notes = rows_of(summary), " ".join(summary["notes"])
     assert "t1-a0.5-s44: not finished (no finished.json; stopped at step 1 of 2): left out" in notes
-    assert "t1-a0.2-s44: no finished.json (a run from before the marker); taken as finished" in notes
+    assert "no finished.json (runs from before the marker), taken as finished because metrics.jsonl reaches the " \
+           f"schedule's last step: {grid / 't1-a0.2-s44'}" in notes
     assert got[("token", TEACHER["t1"], 0.5, "heldout")]["seeds"] == "43"
     assert got[("token", TEACHER["t1"], 0.2, "heldout")]["seeds"] == "43 44"
     # seed 43's baseline trained on other data, with document masking off: nothing of seed 43 pairs with it
