@@ -162,8 +162,8 @@ def check_eval_windows(data_dir, index, names, window, knob="eval_window"):
     short = [f"{n} ({index['splits'][n]['tokens']} tokens)" for n in names
              if n in index["splits"] and index["splits"][n]["tokens"] < window]
     if short:
-        raise DataError(f"eval set(s) {', '.join(short)} in {data_dir} shorter than one window of {knob}={window}: "
-                        f"evaluation would fail (after training); lower {knob}, evaluate other sets (eval_sets=), "
+        raise DataError(f"eval set(s) {', '.join(short)} in {data_dir}: shorter than one window of {knob}={window}; "
+                        f"evaluation would fail (after training): lower {knob}, evaluate other sets (eval_sets=), "
                         f"or build more data with data_prep")
 
 

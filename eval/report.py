@@ -362,12 +362,13 @@ def summarize(runs, in_domain="heldout", by=(), teacher_roots=()):
         notes.append(f"no {runlog.FINISHED} (runs from before the marker), taken as finished because metrics.jsonl "
                      f"reaches the schedule's last step: {', '.join(legacy)}")
     runs = [r for r in runs if r["ppl"]]
+    left = "".join(f" [{n}]" for n in notes if "left out" in n)  # what was skipped, in the one error line
     if not any(r["role"] == "distilled" for r in runs):
         raise EvalError(f"no distilled run (alpha > 0) with an evaluation among {len(runs)} evaluated runs; "
-                        f"add the distilled runs of the grid")
+                        f"add the distilled runs of the grid{left}")
     if not any(r["role"] in ("token", "compute") for r in runs):
         raise EvalError("no baseline among the runs: add the alpha = 0 runs (token-matched) or runs with "
-                        "compute_match set (compute-matched)")
+                        f"compute_match set (compute-matched){left}")
     groups, token_ref, compute_ref, pair_notes = pair_runs(runs, by)
     notes += pair_notes
     teachers = {}
