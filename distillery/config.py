@@ -123,6 +123,7 @@ MAY_CHANGE = ("name", "out_dir", "eval_data", "eval_sets", "teacher_offload", "t
 KD_KEYS = ("teacher", "teacher_cache", "teacher_cache_mode", "teacher_cache_k", "alpha", "temperature", "divergence",
            "divergence_args", "mix", "alpha_schedule", "alpha_start", "alpha_end", "alpha_warmup_frac",
            "alpha_decay_frac", "compute_match", "compute_match_pretrain")
+PAIR_KEYS = tuple(k for k in RUN_DEFINING if k != "seed" and k not in KD_KEYS)  # what a baseline shares with its run
 _TYPES = typing.get_type_hints(Config)
 
 

@@ -424,10 +424,14 @@ def compute_match_budget(cfg, student_config):
     if os.path.isfile(run_cfg):
         with open(run_cfg) as f:
             other = yaml.safe_load(f) or {}
-        for k in ("student", "student_init", "seq_len", "global_batch_size"):
-            if other.get(k) != getattr(cfg, k):
-                raise ConfigError(f"compute_match={src} trained {k}={other.get(k)!r}, this run {getattr(cfg, k)!r}; "
-                                  f"a compute-matched baseline is the same student on the same data layout")
+        from distillery.config import PAIR_KEYS  # the keys eval/report.py pairs a baseline on, too
+        def norm(k, v):
+            return os.path.normpath(v) if k in ("data", "student_init") and v else v
+        for k in (k for k in PAIR_KEYS if k != "train_tokens"):
+            a, b = other.get(k), getattr(cfg, k)
+            if norm(k, a) != norm(k, b):
+                raise ConfigError(f"compute_match={src} trained {k}={a!r}, this run {b!r}; a compute-matched "
+                                  f"baseline shares every run-defining setting but the teacher's and train_tokens")
         teacher, distilled_tokens = other.get("teacher"), int(other["train_tokens"])
         teacher_config = teacher
         if not other.get("alpha"):

@@ -49,14 +49,14 @@ import yaml
 
 from distillery import flops, runlog
 from distillery.atomic import atomic_path, read_jsonl, write_text
-from distillery.config import KD_KEYS, RUN_DEFINING
+from distillery.config import PAIR_KEYS
 from distillery.errors import ConfigError, EvalError, cli
 
 # What a baseline must share with the run it is paired to: every run-defining key (the list resume.py refuses to
 # change, config.RUN_DEFINING) except the seed (paired separately) and what makes a run distilled (config.KD_KEYS),
 # then the evaluation its numbers come from (eval data, window, window cap). A compute-matched baseline shares them
 # with the run it names, train_tokens aside.
-MATCH_KEYS = tuple(k for k in RUN_DEFINING if k != "seed" and k not in KD_KEYS)
+MATCH_KEYS = PAIR_KEYS
 EVAL_KEYS = ("eval_data", "eval_window", "eval_max_windows")
 PATH_KEYS = ("data", "student_init", "eval_data")
 CSV_COLUMNS = ["reference", "teacher", "teacher_name", "alpha", "group", "teacher_params", "teacher_tokens",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, clean_env, read_metrics, run_inprocess, run_launcher
+from conftest import BASE as BASE_ARGS, REPO, clean_env, read_metrics, run_inprocess, run_launcher
 from plugins import Callback, names, register
 
 
@@ -313,3 +313,11 @@ def test_compute_ledger_and_compute_matched_baseline(kd_run, data_dir, teacher_d
     # the micro teacher is the student's size: its forward adds a third, 10 steps -> 13 (6656 tokens)
     assert max(b) == 13 and abs(last["compute/total_flops"] - total) <= step
     assert last["compute/teacher_flops"] == 0
+    # issue 20, item 5: a compute-matched baseline shares every run-defining key but the teacher's and train_tokens,
+    # as the report pairs it (config.PAIR_KEYS); another weight decay or doc_mask is refused at start
+    import train
+    for other in ("weight_decay=0.05", "doc_mask=false"):
+        with pytest.raises(train.ConfigError, match=f"compute_match=.* trained {other.split('=')[0]}="):
+            train.resolve(train.parse_args(["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={data_dir}",
+                                            f"out_dir={tmp_path}", *BASE_ARGS, "name=cm2", "alpha=0", SEED,
+                                            f"compute_match={kd_run}", other]))
