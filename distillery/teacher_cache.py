@@ -325,7 +325,7 @@ def open_cache(cfg, say=True):
         raise ConfigError(f"teacher_cache distills with the cache's sparse forward KL (teacher_cache_mode="
                           f"{cfg.teacher_cache_mode}); divergence={cfg.divergence} needs the live teacher: drop "
                           f"teacher_cache")
-    given = cfg.teacher != Config.teacher
+    given = cfg.teacher not in ("", Config.teacher)  # teacher= empty or the default: no claim
     cache = CacheReader(cfg.teacher_cache).check(cfg.data, cfg.temperature, cfg.doc_mask,
                                                  k_needed=cfg.teacher_cache_k or None, mode=cfg.teacher_cache_mode,
                                                  teacher=cfg.teacher if given and os.path.isdir(cfg.teacher) else None)
