@@ -22,6 +22,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from conftest import REPO, clean_env, make_teacher  # noqa: E402
+
+# The small data set's held-out split is empty (too few documents): runs here evaluate nothing, or resolve() refuses.
+NO_EVAL = ["eval_interval=-1", "callbacks=[]"]
 from data_prep import teacher_cache as gen  # noqa: E402
 from distillery.errors import ConfigError, DataError, DistilleryError  # noqa: E402
 from distillery.teacher_cache import CacheReader, record_dtype  # noqa: E402
@@ -228,7 +231,8 @@ def test_trainer_refuses_a_mismatched_cache(small, topk_cache, tmp_path, monkeyp
     from conftest import BASE
     with pytest.raises(DistilleryError, match="temperature") as e:
         train.resolve(train.parse_args(["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={small / 'data'}",
-                                        f"out_dir={tmp_path}", *BASE, "alpha=0.5", f"teacher_cache={topk_cache}"]))
+                                        f"out_dir={tmp_path}", *BASE, *NO_EVAL, "alpha=0.5",
+                                        f"teacher_cache={topk_cache}"]))
     assert "\n" not in str(e.value) and not os.listdir(tmp_path)
     # teacher= names a model that exists here but did not make the cache: refused, naming both
     other = tmp_path.parent / (tmp_path.name + "-other-teacher")
@@ -236,7 +240,7 @@ def test_trainer_refuses_a_mismatched_cache(small, topk_cache, tmp_path, monkeyp
     conf = json.load(open(small / "teacher" / "config.json"))
     json.dump({**conf, "num_hidden_layers": conf["num_hidden_layers"] + 1}, open(other / "config.json", "w"))
     argv = ["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={small / 'data'}", f"out_dir={tmp_path}", *BASE,
-            "alpha=0.5", "temperature=2", f"teacher_cache={topk_cache}"]
+            *NO_EVAL, "alpha=0.5", "temperature=2", f"teacher_cache={topk_cache}"]
     with pytest.raises(DistilleryError, match="whose config differs") as e:
         train.resolve(train.parse_args([*argv, f"teacher={other}"]))
     assert "\n" not in str(e.value) and not os.listdir(tmp_path)
@@ -264,7 +268,7 @@ def test_cache_knows_its_teacher_by_its_weights(small, topk_cache, tmp_path):
     assert (other / "config.json").read_text() == (small / "teacher" / "config.json").read_text()
     out = tmp_path / "runs"
     argv = ["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={small / 'data'}", f"out_dir={out}", *BASE,
-            "alpha=0.5", "temperature=2", f"teacher_cache={topk_cache}"]
+            *NO_EVAL, "alpha=0.5", "temperature=2", f"teacher_cache={topk_cache}"]
     with pytest.raises(DistilleryError, match="other weights") as e:
         train.resolve(train.parse_args([*argv, f"teacher={other}"]))
     assert "\n" not in str(e.value) and not out.exists()
@@ -288,7 +292,7 @@ def test_compute_match_against_a_cached_run_agrees_with_its_ledger(small, topk_c
     m, _ = read_metrics(tmp_path / "cached")
     last = m[steps]
     plan = train.resolve(train.parse_args(["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={small / 'data'}",
-                                           f"out_dir={tmp_path}", *BASE, "name=base", "alpha=0",
+                                           f"out_dir={tmp_path}", *BASE, *NO_EVAL, "name=base", "alpha=0",
                                            f"compute_match={tmp_path / 'cached'}"]))
     per_token = last["compute/student_flops"] / (steps * tokens_per_step)
     assert plan.cfg.train_tokens > steps * tokens_per_step
