@@ -46,6 +46,7 @@ from distillery.runlock import RunLock
 from distillery.sampler import RankReader
 from distillery.shards import load_stream, read_index
 from distillery.step import StepStats, Timer, micro_step
+from distillery.teacher_cache import open_cache
 from eval import ppl
 from plugins.base import Callbacks, Context, NullWriter
 
@@ -105,7 +106,7 @@ def resolve(args):
         if objective.wants_diagnostics:
             raise ConfigError(f"alpha_controller={cfg.alpha_controller} reads the teacher's CE, which a teacher cache "
                               f"does not hold; drop teacher_cache (live teacher) or the controller")
-        cache = open_cache(cfg)
+        cache = open_cache(cfg, rank_world()[0] == 0)
         objective = dataclasses.replace(objective, impl="sparse", kd_vocab=cache.kd_vocab)
     elif objective.needs_teacher():
         if not cfg.teacher:
@@ -117,22 +118,6 @@ def resolve(args):
     if cfg.doc_mask:  # the kernel keeps packed documents apart at this micro-batch on these models, or the run stops
         maskprobe.check_run(cfg, ds_base, index, live_teacher=objective.kd_vocab is not None and cache is None)
     return Plan(cfg, ds_base, index, world, grad_accum, total_steps, objective, callbacks, cache)
-
-
-def open_cache(cfg):
-    """The teacher cache, checked against this run (data, tokenizer, temperature, doc_mask, k) before any work. A
-    teacher= given (not the default) that exists here must be the cache's teacher: the run's config then names what
-    made its targets. One that does not exist here is not needed (the point of a cache); the default path is no
-    claim (it exists on any machine that ran the offline study)."""
-    from distillery.teacher_cache import CacheReader
-    if cfg.divergence != "forward_kl":
-        raise ConfigError(f"teacher_cache distills with the cache's sparse forward KL (teacher_cache_mode="
-                          f"{cfg.teacher_cache_mode}); divergence={cfg.divergence} needs the live teacher: drop "
-                          f"teacher_cache")
-    return CacheReader(cfg.teacher_cache).check(cfg.data, cfg.temperature, cfg.doc_mask,
-                                                k_needed=cfg.teacher_cache_k or None,
-                                                teacher=cfg.teacher if cfg.teacher != Config.teacher
-                                                and os.path.isdir(cfg.teacher or "") else None)
 
 
 def check_data(cfg):
@@ -157,6 +142,8 @@ def check_data(cfg):
         raise DataError(f"eval set(s) {', '.join(missing)} not in {eval_dir} (it has: {', '.join(streams)}); "
                         f"fix eval_sets= or build them with data_prep")
     cfg.eval_sets = list(cfg.eval_sets) or streams
+    if cfg.eval_interval >= 0 or "eval_final" in cfg.callbacks:  # an evaluation will read them
+        shards.check_eval_windows(eval_dir, eval_index, cfg.eval_sets, cfg.eval_window)
     if cfg.export and not os.path.isdir(os.path.join(cfg.data, "tokenizer")):
         raise DataError(f"data set {cfg.data} has no tokenizer/: the exported student would have none and could not "
                         f"serve as a teacher; copy the tokenizer into {cfg.data}/tokenizer, or set export=false")
@@ -227,8 +214,9 @@ def start(plan, rank, world):
     preemption = Preemption()  # before the slow part: a signal during start-up is honoured at the first step
     where = checkpoint.find_resume(cfg)  # verified, with fallback to the newest intact checkpoint
     engine, teacher = build_engines(plan, where)
-    ledger = ComputeLedger(engine.module.lm.config, cfg.seq_len, teacher.module.lm.config if teacher else None,
-                           teacher_pretrain_flops=(export_pretrain_flops(cfg.teacher) or 0) if teacher else 0)
+    t_conf = teacher.module.lm.config if teacher else plan.cache.teacher_config if plan.cache else None
+    ledger = ComputeLedger(engine.module.lm.config, cfg.seq_len, t_conf, cached=plan.cache is not None,
+                           teacher_pretrain_flops=(export_pretrain_flops(cfg.teacher) or 0) if t_conf else 0)
     start_step = 0
     if where is not None:
         client = checkpoint.load(engine, cfg, where)
@@ -380,6 +368,8 @@ def finish(run, last_step):
     run.plan.callbacks("on_train_end", ctx, step=last_step, export_dir=export_dir, metrics=final)
     if final:
         ctx.log(last_step, final)
+    if ctx.rank == 0 and last_step == run.plan.total_steps:  # last: reports and sweeps read only finished runs
+        runlog.mark_finished(cfg.run_dir, last_step, run.plan.total_steps, export_dir)
 
 
 def main(argv=None):

@@ -942,6 +942,127 @@ def data_without_tokenizer(env, o):
                      "used as a teacher, after the run", bug="no-tokenizer-export")
 
 
+# ============================================================================ issue 20 scenarios
+# Cache provenance, settings checked at start, unfinished runs, evaluation sets too small (docs/reliability.md).
+# They share a small data set (0.3 MB of source: 12 training documents, so the held-out split is empty), two micro
+# teachers of one architecture with different weights (seeds 0 and 1), and a sampled cache of the first (K = 4).
+
+def small_setup(env):
+    """{data, teacher_a, teacher_b, cache, build_err}: made once per Env (~40 s: data 4 s, the cache ~30 s)."""
+    def make():
+        root = env.fresh("issue20-small")
+        p = run([PY, "-m", "data_prep.offline", "--out", root / "data", "--vocab_size", "512", "--seq_len", str(SEQ),
+                 "--max_train_mb", "0.3"])
+        if p.rc != 0:
+            raise RuntimeError(f"the small data set failed: {p.tail()}")
+        a, b = make_teacher(root / "data", root / "teacher-a", seed=0), make_teacher(root / "data", root / "teacher-b",
+                                                                                      seed=1)
+        c = run([PY, "-m", "data_prep.teacher_cache", "--teacher", a, "--data", root / "data", "--out",
+                 root / "cache", "--k", "4", "--method", "sampled", "--quiet", "--ds_config",
+                 REPO / "ds_configs" / "cpu.json"])
+        if c.rc != 0:
+            raise RuntimeError(f"the teacher cache failed: {c.tail()}")
+        return {"data": str(root / "data"), "teacher_a": a, "teacher_b": b, "cache": str(root / "cache"),
+                "build_err": "\n".join(p.err)}
+    return env._cached("issue20-small", make)
+
+
+def _without_teacher(args):
+    return [a for a in args if not str(a).startswith("teacher=")]
+
+
+@scenario("cache_wrong_teacher", "a cache of teacher A, run with teacher=B (same config.json, other weights); then "
+                                 "with the default teacher=", "refused cleanly")
+def cache_wrong_teacher(env, o):
+    sm = small_setup(env)
+    same = open(os.path.join(sm["teacher_a"], "config.json")).read() == open(
+        os.path.join(sm["teacher_b"], "config.json")).read()
+    o.check(same, "the two teachers' config.json differ: the scenario needs one architecture")
+    out = env.fresh("wrong-teacher")
+    p = env.train(out, f"data={sm['data']}", f"teacher_cache={sm['cache']}", f"teacher={sm['teacher_b']}")
+    one_line(o, p, "error:", r"teacher=.*teacher-b.* has the same config but other weights")
+    o.check(not os.path.exists(out / "r"), "the refused run wrote its run directory")
+    args = _without_teacher(env.args(out, f"data={sm['data']}", f"teacher_cache={sm['cache']}", "max_steps=1"))
+    q = run(env.cmd(args))  # the default teacher= is no claim: the run records the cache's own teacher
+    if o.check(q.rc == 0, f"the run with the default teacher= exited {q.rc}: {q.tail(600)!r}"):
+        import yaml
+        got = yaml.safe_load(open(out / "r" / "config.yaml"))["teacher"]
+        o.check(got == os.path.abspath(sm["teacher_a"]), f"config.yaml names teacher {got!r}, not the cache's")
+        o.note(f"default teacher=: config.yaml records the cache's teacher {got}")
+
+
+@scenario("config_checked_at_start", "teacher_cache_mode=bogus with a sampled cache; divergence=top_k without k; "
+                                     "eval_window=1: each then rerun corrected under the same name",
+          "refused cleanly")
+def config_checked_at_start(env, o):
+    sm = small_setup(env)
+    out = env.fresh("checked-at-start")
+    cached = [f"data={sm['data']}", f"teacher_cache={sm['cache']}", f"teacher={sm['teacher_a']}"]
+    cases = [(["teacher_cache_mode=bogus", *cached], r"teacher_cache_mode='bogus': use renorm, tail or support",
+              cached),
+             (["divergence=top_k"], r"divergence top_k rejects divergence_args \{\}: top_k: give exactly one of k",
+              ["divergence=top_k", "divergence_args={k: 8}"]),
+             (["eval_window=1"], r"eval_window=1 must be >= 2", ["eval_window=64", "eval_interval=0"])]
+    messages = []
+    for i, (bad, needle, good) in enumerate(cases):
+        name = f"r{i}"
+        p = env.train(out, f"train_tokens={2 * ROWS * SEQ}", *bad, name=name)
+        sub = Outcome(name, "")
+        messages.append(one_line(sub, p, "error:", needle))
+        o.problems += [Problem(f"{bad[0]}: {x.text}") for x in sub.problems]
+        o.check(not os.path.exists(out / name), f"{bad[0]}: the refused run wrote {out / name}")
+        q = env.train(out, f"train_tokens={2 * ROWS * SEQ}", *good, name=name)  # the corrected rerun, same name
+        o.check(q.rc == 0 and train_steps(out / name)[-1:] == [2],
+                f"{bad[0]}: the corrected rerun under the same name failed ({q.rc}): {q.tail(600)!r}")
+    o.message = messages[0]
+    o.note("each corrected rerun under the same name trained to the end (nothing of the refused one was recorded)")
+
+
+@scenario("max_steps_unfinished", "max_steps=4 of 16 with eval_final: not finished, left out of eval.report; then "
+                                  "resume=auto", "resumed exactly")
+def max_steps_unfinished(env, o):
+    out = env.fresh("unfinished")
+    ev = ["callbacks=[progress,eval_final]", "eval_window=64", "eval_max_windows=4"]
+    p = env.train(out, "max_steps=4", *ev)
+    run_dir = out / "r"
+    o.check(p.rc == 0, f"the max_steps run exited {p.rc}: {p.tail(600)!r}")
+    o.check(not (run_dir / "eval" / "final.json").exists(), "eval/final.json written by a run stopped by max_steps")
+    o.check(not (run_dir / "finished.json").exists(), "finished.json written by a run stopped by max_steps")
+    notes = p.lines("note: eval_final", "out")
+    o.check(len(notes) == 1 and "stopped at step 4 of 16" in notes[0], f"eval_final said {notes!r}")
+    r = run([PY, "-m", "eval.report", run_dir, "--out", out / "report"])
+    line = one_line(Outcome("report", ""), r, "error:")
+    o.check(r.rc == EXIT_ERROR and "not finished (no finished.json; stopped at step 4 of 16)" in line,
+            f"eval.report on the unfinished run: {line or r.tail(400)!r}")
+    o.message = notes[0] if notes else ""
+    o.note(f"eval.report: `` {line} ``")
+    resume_and_compare(env, o, str(run_dir), 4, 1, *ev)
+    o.check((run_dir / "finished.json").exists() and (run_dir / "eval" / "final.json").exists(),
+            "the completed run has no finished.json / eval/final.json")
+
+
+@scenario("eval_set_too_small", "data whose held-out split is empty (0.3 MB of source); a run evaluating on it",
+          "refused cleanly", slow=False)
+def eval_set_too_small(env, o):
+    def make():  # the data set alone (no cache): keeps this scenario fast
+        root = env.fresh("issue20-tiny-data")
+        p = run([PY, "-m", "data_prep.offline", "--out", root / "data", "--vocab_size", "512", "--seq_len",
+                 str(SEQ), "--max_train_mb", "0.3"])
+        if p.rc != 0:
+            raise RuntimeError(f"the small data set failed: {p.tail()}")
+        return str(root / "data"), "\n".join(p.err)
+    data, build_err = env._cached("issue20-tiny-data", make)
+    warn = [x for x in build_err.splitlines() if x.startswith("warning: split heldout")]
+    o.check(warn and "is empty (0 tokens" in warn[0], f"data_prep said nothing of the empty held-out split: "
+                                                      f"{build_err[-400:]!r}")
+    out = env.fresh("too-small")
+    args = _without_teacher(env.args(out, f"data={data}", "alpha=0", "eval_interval=0", "eval_window=64"))
+    p = run(env.cmd(args))
+    one_line(o, p, "error:", r"eval set\(s\) heldout \(0 tokens\) in .*: shorter than one window of eval_window=64")
+    o.check(not os.path.exists(out / "r"), "the refused run wrote its run directory")
+    o.note(f"data_prep: `` {warn[0] if warn else ''} ``")
+
+
 # ---------------------------------------------------------------------------- driver
 def run_scenario(name, env):
     s = SCENARIOS[name]

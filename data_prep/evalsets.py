@@ -107,8 +107,9 @@ def tokenize_joined(tok, texts, max_tokens, chars_per_token_guess=8):
         budget *= 2
 
 
-def build(tokenizer, out, sets, local=None, max_tokens=256 * 4096, heldout_frac=0.005, progress=True):
-    from data_prep.prepare import load_tokenizer
+def build(tokenizer, out, sets, local=None, max_tokens=256 * 4096, heldout_frac=0.005, progress=True, window=4096):
+    """Write the sets; each one shorter than `window` tokens (the eval_window runs will use) gets a warning line."""
+    from data_prep.prepare import load_tokenizer, warn_small_streams
     local = local or {}
     hf, name = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else (tokenizer, tokenizer.name_or_path)
     tok = hf.backend_tokenizer
@@ -150,6 +151,8 @@ def build(tokenizer, out, sets, local=None, max_tokens=256 * 4096, heldout_frac=
         shards.atomic_write_json(index_path, index)  # commit per set: a killed run keeps finished sets
         if progress:
             print(f"{s}: {len(ids):,} tokens from {n_docs:,} texts", file=sys.stderr)
+    warn_small_streams({"splits": {s: index["splits"][s] for s in sets if s in index["splits"]}}, out, window,
+                       "one evaluation window")
     return index
 
 
@@ -170,13 +173,16 @@ def main(argv=None):
     ap.add_argument("--local", action="append", default=[], help="NAME=FILE: read set NAME from a local file")
     ap.add_argument("--max_tokens", type=int, default=256 * 4096)
     ap.add_argument("--heldout_frac", type=float, default=0.005, help="must equal the prepare.py run's")
+    ap.add_argument("--window", type=int, default=4096, help="the runs' eval_window: a set shorter than this is "
+                                                             "reported (a run evaluating on it is refused)")
     a = ap.parse_args(argv)
     groups = {"paper": list(RECIPES), "offline": OFFLINE, "all": list(RECIPES) + OFFLINE}
     sets = [x for part in a.sets.split(",") for x in groups.get(part, [part])]
     bad = [kv for kv in a.local if "=" not in kv]
     if bad:
         raise shards.DataError(f"--local {bad[0]!r} is not NAME=FILE (e.g. --local humaneval=he.jsonl)")
-    build(a.tokenizer, a.out, sets, dict(kv.split("=", 1) for kv in a.local), a.max_tokens, a.heldout_frac)
+    build(a.tokenizer, a.out, sets, dict(kv.split("=", 1) for kv in a.local), a.max_tokens, a.heldout_frac,
+          window=a.window)
 
 
 if __name__ == "__main__":

@@ -416,7 +416,29 @@ def run(source_specs, tokenizer, out, seq_len=8192, max_tokens=None, heldout_fra
         dt = time.time() - t0
         print(f"built {out} in {dt:.1f}s: {n_tok:,} train tokens ({n_tok // seq_len:,} rows), "
               f"{splits['heldout']['tokens']:,} held-out tokens, vocab {vocab_size}", file=sys.stderr)
+    warn_small_streams(index, out, seq_len)
     return index
+
+
+def warn_small_streams(index, out, window, what="one window of seq_len"):
+    """One `warning:` line (stderr) per evaluation stream of a built data set that is empty or shorter than
+    `window` tokens: a run evaluating on it is refused at start (train.py check_data), so say it now, when the data
+    is made, not after a training run was set up. Returns the names of those splits."""
+    small = []
+    for name, sp in index["splits"].items():
+        if sp.get("kind") != "stream" or sp["tokens"] >= window:
+            continue
+        small.append(name)
+        docs = f", {sp['documents']} documents" if "documents" in sp else ""
+        if sp["tokens"] == 0:
+            fix = ("build with more data or a larger --heldout_frac (held-out documents are picked by content hash)"
+                   if name == "heldout" else "check its source")
+            print(f"warning: split {name} of {out} is empty (0 tokens{docs}): a run cannot evaluate on it; {fix}, "
+                  f"or evaluate on the other sets (eval_sets=)", file=sys.stderr)
+        else:
+            print(f"warning: split {name} of {out} has {sp['tokens']:,} tokens{docs}, fewer than {what} "
+                  f"({window}): a run evaluating on it needs eval_window <= {sp['tokens']}", file=sys.stderr)
+    return small
 
 
 def main(argv=None):

@@ -105,6 +105,7 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+TEACHER_CACHE_MODES = ("renorm", "tail", "support")  # distillery/sparse_kd.py MODES (a sampled cache takes renorm)
 
 # What a resume may change (docs/reliability.md, "Resume semantics"). RUN_DEFINING keys fix the model, the data and
 # its order, the objective and the optimizer state: changing one mid-run would silently mix two experiments, so a
@@ -121,6 +122,13 @@ MAY_CHANGE = ("name", "out_dir", "eval_data", "eval_sets", "teacher_offload", "t
               "max_steps", "lr", "min_lr_frac", "warmup_frac", "grad_clip", "log_interval", "eval_interval", "eval_window", "eval_max_windows",
               "eval_batch_size", "callbacks", "callback_args", "save_interval", "resume", "keep_last", "export",
               "export_dtype", "verify_data", "max_bad_steps", "max_skipped_frac")
+# The run-defining keys that make a run a distillation of some teacher: an alpha = 0 baseline differs from the run
+# it is compared with in these (a compute-matched one in train_tokens too) and shares every other key of
+# RUN_DEFINING; eval/report.py pairs a run with a baseline on exactly those others (plus the evaluation itself).
+KD_KEYS = ("teacher", "teacher_cache", "teacher_cache_mode", "teacher_cache_k", "alpha", "temperature", "divergence",
+           "divergence_args", "mix", "alpha_schedule", "alpha_start", "alpha_end", "alpha_warmup_frac",
+           "alpha_decay_frac", "alpha_controller", "alpha_controller_args", "compute_match", "compute_match_pretrain")
+PAIR_KEYS = tuple(k for k in RUN_DEFINING if k != "seed" and k not in KD_KEYS)  # what a baseline shares with its run
 _TYPES = typing.get_type_hints(Config)
 
 
@@ -205,6 +213,30 @@ def validate(cfg):
                           f"max_skipped_frac={cfg.max_skipped_frac} in (0, 1]")
     if cfg.export_dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"export_dtype={cfg.export_dtype!r}: use float32, bfloat16 or float16")
+    # Everything below was used unchecked until the first step (or a later one), after config.yaml was written: a
+    # typo then burnt the run name (the corrected rerun is a change of a run-defining key). Plugin names and their
+    # options (divergence_args, callback_args) and attn_impl are checked in train.resolve().
+    if not cfg.name:
+        raise ConfigError("name='' must name the run directory ({out_dir}/{name}); set name=<run name>")
+    if cfg.teacher_cache_mode not in TEACHER_CACHE_MODES:
+        raise ConfigError(f"teacher_cache_mode={cfg.teacher_cache_mode!r}: use {', '.join(TEACHER_CACHE_MODES[:-1])} "
+                          f"or {TEACHER_CACHE_MODES[-1]} (top-k caches; docs/teacher_cache.md)")
+    for k in ("teacher_cache_k", "save_interval", "max_steps", "seed", "lr", "grad_clip", "weight_decay", "eps"):
+        if getattr(cfg, k) < 0:
+            raise ConfigError(f"{k}={getattr(cfg, k)} must be >= 0")
+    for k in ("eval_max_windows", "eval_batch_size"):
+        if getattr(cfg, k) <= 0:
+            raise ConfigError(f"{k}={getattr(cfg, k)} must be > 0")
+    if cfg.eval_window < 2:  # a window of W tokens scores W - 1 targets
+        raise ConfigError(f"eval_window={cfg.eval_window} must be >= 2 (tokens per evaluation window)")
+    if cfg.eval_interval < -1:
+        raise ConfigError(f"eval_interval={cfg.eval_interval} must be >= -1 (-1: never, 0: only at the end)")
+    for k in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, k) < 1.0:
+            raise ConfigError(f"{k}={getattr(cfg, k)} must be in [0, 1)")
+    for k in ("min_lr_frac", "warmup_frac", "alpha_start", "alpha_end", "alpha_warmup_frac", "alpha_decay_frac"):
+        if not 0.0 <= getattr(cfg, k) <= 1.0:
+            raise ConfigError(f"{k}={getattr(cfg, k)} must be in [0, 1]")
 
 
 def to_dict(cfg):

@@ -204,6 +204,13 @@ class ComputeLedger:
     own pretraining amortised over the `n_students` that share it. The amortised pretraining is a fixed cost, in
     the total from step 0 (the teacher had to exist before the first step).
 
+    A run distilled from a teacher cache (`cached=True`) runs no teacher: its teacher forward is 0. It is charged
+    instead the forward its cache spent on the rows it read (`teacher_cache` FLOPs: the teacher's forward FLOPs per
+    token x the tokens it trained on), so its run FLOPs equal an online run's on the same tokens and a compute-matched
+    baseline (compute_match_budget) gets the same budget whether the forward ran live or in the cache. The cache's
+    whole build (every row, once) is a one-time cost of its own: a student is charged the rows it used, not how many
+    students end up sharing the cache (unknown when it runs). docs/compute.md.
+
         ledger = ComputeLedger(student_cfg, seq_len, teacher_cfg, teacher_pretrain_flops=export_pretrain_flops(t))
         ledger.add_step(tokens_per_step)              # every optimizer step (teacher_tokens=0 when it was skipped)
         metrics.update(ledger.metrics())              # every log step
@@ -212,15 +219,18 @@ class ComputeLedger:
     """
 
     def __init__(self, student_config, seq_len, teacher_config=None, teacher_pretrain_flops=0, n_students=1,
-                 causal=True):
+                 causal=True, cached=False):
         _check_len(seq_len)
         self.seq_len, self.causal, self.n_students = int(seq_len), bool(causal), int(n_students)
+        self.cached = bool(cached)
+        if self.cached and teacher_config is None:
+            raise ConfigError("a cached ComputeLedger needs the cache's teacher_config (its forward FLOPs)")
         self.teacher_pretrain_flops = float(teacher_pretrain_flops or 0)
         self.pretrain_amortised = _amortised(self.teacher_pretrain_flops, self.n_students) if teacher_config else 0.0
         self.student = self._describe(student_config, train=True)
         self.teacher = self._describe(teacher_config, train=False) if teacher_config is not None else None
-        self.tokens = self.teacher_tokens = self.steps = 0
-        self.last_step = {"student_flops": 0, "teacher_flops": 0}
+        self.tokens = self.teacher_tokens = self.cache_tokens = self.steps = 0
+        self.last_step = {"student_flops": 0, "teacher_flops": 0, "teacher_cache_flops": 0}
 
     def _describe(self, config, train):
         a, pc = architecture(config), param_counts(config)
@@ -229,20 +239,25 @@ class ComputeLedger:
                 "params_matmul": pc["matmul"], ("train" if train else "forward") + "_flops_per_token": per_token}
 
     def add_step(self, tokens, teacher_tokens=None):
-        """One optimizer step over `tokens` student tokens; the teacher ran on `teacher_tokens` of them (default:
-        all, when there is a teacher). Returns this step's {'student_flops', 'teacher_flops'}."""
+        """One optimizer step over `tokens` student tokens; the teacher ran on (or, cached, was read for)
+        `teacher_tokens` of them (default: all, when there is a teacher). Returns this step's {'student_flops',
+        'teacher_flops', 'teacher_cache_flops'}."""
         _check_tokens(tokens)
         if teacher_tokens is None:
             teacher_tokens = tokens if self.teacher else 0
         if teacher_tokens and not self.teacher:
             raise ConfigError("teacher_tokens given to a ComputeLedger built without a teacher_config")
         _check_tokens(teacher_tokens, "teacher_tokens")
+        forward = teacher_tokens * self.teacher["forward_flops_per_token"] if teacher_tokens else 0
         self.tokens += tokens
-        self.teacher_tokens += teacher_tokens
         self.steps += 1
+        if self.cached:
+            self.cache_tokens += teacher_tokens
+        else:
+            self.teacher_tokens += teacher_tokens
         self.last_step = {"student_flops": tokens * self.student["train_flops_per_token"],
-                          "teacher_flops": teacher_tokens * self.teacher["forward_flops_per_token"] if teacher_tokens
-                          else 0}
+                          "teacher_flops": 0 if self.cached else forward,
+                          "teacher_cache_flops": forward if self.cached else 0}
         return dict(self.last_step)
 
     @property
@@ -251,12 +266,19 @@ class ComputeLedger:
 
     @property
     def teacher_flops(self):
+        """The live teacher's forward in this run (0 for a cached run)."""
         return self.teacher_tokens * self.teacher["forward_flops_per_token"] if self.teacher else 0
 
     @property
+    def teacher_cache_flops(self):
+        """The forward a teacher cache spent on the rows this (cached) run read."""
+        return self.cache_tokens * self.teacher["forward_flops_per_token"] if self.teacher else 0
+
+    @property
     def run_flops(self):
-        """What this run itself spent: student training + teacher forward."""
-        return self.student_flops + self.teacher_flops
+        """What it took to make this run's model, teacher pretraining aside: student training + the teacher forward
+        over its tokens, run live or read from a cache. compute_match_budget gives a baseline exactly this."""
+        return self.student_flops + self.teacher_flops + self.teacher_cache_flops
 
     @property
     def total_flops(self):
@@ -268,24 +290,29 @@ class ComputeLedger:
         return {
             "compute/student_flops": float(self.student_flops),
             "compute/teacher_flops": float(self.teacher_flops),
+            "compute/teacher_cache_flops": float(self.teacher_cache_flops),
             "compute/teacher_pretrain_flops": float(self.pretrain_amortised),
             "compute/run_flops": float(self.run_flops),
             "compute/total_flops": float(total),
-            # teacher forward + amortised teacher pretraining, as a fraction of the total
-            "compute/teacher_share": float((self.teacher_flops + self.pretrain_amortised) / total) if total else 0.0,
-            "compute/step_flops": float(self.last_step["student_flops"] + self.last_step["teacher_flops"]),
+            # teacher forward (live or cached) + amortised teacher pretraining, as a fraction of the total
+            "compute/teacher_share": float((self.run_flops - self.student_flops + self.pretrain_amortised) / total)
+            if total else 0.0,
+            "compute/step_flops": float(sum(self.last_step.values())),
             "compute/tokens": float(self.tokens),
             "compute/teacher_tokens": float(self.teacher_tokens),
+            "compute/teacher_cache_tokens": float(self.cache_tokens),
         }
 
     def to_dict(self):
         """The distillery_compute.json record (schema distillery_compute/1; also the ledger's checkpoint state)."""
         return {"schema": SCHEMA, "convention": CONVENTION, "causal": self.causal, "seq_len": self.seq_len,
                 "steps": self.steps, "tokens": self.tokens, "teacher_tokens": self.teacher_tokens,
+                "cached": self.cached, "teacher_cache_tokens": self.cache_tokens,
                 "last_step": dict(self.last_step), "student": dict(self.student),
                 "teacher": dict(self.teacher) if self.teacher else None,
                 "teacher_pretrain_flops": self.teacher_pretrain_flops, "n_students": self.n_students,
                 "flops": {"student": self.student_flops, "teacher_forward": self.teacher_flops,
+                          "teacher_cache": self.teacher_cache_flops,
                           "teacher_pretrain_amortised": self.pretrain_amortised, "run": self.run_flops,
                           "total": self.total_flops}}
 
@@ -295,13 +322,18 @@ class ComputeLedger:
         if d["seq_len"] != self.seq_len or d["student"]["params_matmul"] != self.student["params_matmul"]:
             raise ConfigError("checkpointed compute ledger is for another student or seq_len; resume with the run's "
                               "own config")
+        if bool(d.get("cached", False)) != self.cached:
+            raise ConfigError("checkpointed compute ledger is for a run with" + ("" if d.get("cached") else "out")
+                              + " a teacher cache; resume with the run's own config")
         self.steps, self.tokens, self.teacher_tokens = int(d["steps"]), int(d["tokens"]), int(d["teacher_tokens"])
-        self.last_step = dict(d.get("last_step") or {"student_flops": 0, "teacher_flops": 0})
+        self.cache_tokens = int(d.get("teacher_cache_tokens", 0))
+        self.last_step = {"student_flops": 0, "teacher_flops": 0, "teacher_cache_flops": 0,
+                          **(d.get("last_step") or {})}
 
     @classmethod
     def from_dict(cls, d, student_config, teacher_config=None):
         led = cls(student_config, d["seq_len"], teacher_config, d.get("teacher_pretrain_flops", 0),
-                  d.get("n_students", 1), d.get("causal", True))
+                  d.get("n_students", 1), d.get("causal", True), d.get("cached", False))
         led.load_state_dict(d)
         return led
 
@@ -309,11 +341,13 @@ class ComputeLedger:
 # ---------------------------------------------------------------------------- distillery_compute.json
 # {"schema": "distillery_compute/1", "convention": str, "causal": bool, "seq_len": int, "steps": int,
 #  "tokens": int (student tokens trained), "teacher_tokens": int (tokens the teacher ran on),
-#  "last_step": {"student_flops", "teacher_flops"} (the last optimizer step's FLOPs),
+#  "cached": bool, "teacher_cache_tokens": int (tokens whose teacher targets came from a cache; absent before issue 20),
+#  "last_step": {"student_flops", "teacher_flops", "teacher_cache_flops"} (the last optimizer step's FLOPs),
 #  "student": {"model_type", "params_total", "params_non_embedding", "params_matmul", "train_flops_per_token"},
 #  "teacher": null | {"model_type", "params_total", "params_non_embedding", "params_matmul", "forward_flops_per_token"},
 #  "teacher_pretrain_flops": number (the teacher's full cost, before amortisation), "n_students": int,
-#  "flops": {"student", "teacher_forward", "teacher_pretrain_amortised", "run", "total"}}   (numbers, FLOPs)
+#  "flops": {"student", "teacher_forward", "teacher_cache" (optional), "teacher_pretrain_amortised", "run", "total"}}
+#  (numbers, FLOPs; run = student + teacher_forward + teacher_cache)
 # flops.total is what it cost to produce this model, and is what a later run reads as its teacher's pretraining.
 _REQUIRED = ("schema", "seq_len", "steps", "tokens", "teacher_tokens", "student", "flops")
 _REQUIRED_FLOPS = ("student", "teacher_forward", "teacher_pretrain_amortised", "run", "total")
@@ -376,7 +410,9 @@ def compute_match_budget(cfg, student_config):
     """train_tokens of an alpha = 0 baseline with cfg.compute_match set: FLOPs equal to the distilled run it names.
 
     compute_match = a distilled run's directory (its config.yaml gives the teacher and the token budget; the student
-    and seq_len must be ours) or a teacher's model directory (distilled at this config's own train_tokens).
+    and seq_len must be ours) or a teacher's model directory (distilled at this config's own train_tokens). A run
+    distilled from a teacher cache is matched like an online one: its ledger charges the forward its cache spent on
+    its tokens (ComputeLedger, cached=True), whose FLOPs come from the teacher config the cache stores.
     compute_match_pretrain = true also counts the teacher's pretraining (its export's distillery_compute.json).
     Rounded to whole optimizer steps (global_batch_size x seq_len), so the baseline's total is within one step's
     FLOPs of the distilled run's. Returns (train_tokens, teacher_dir, distilled_tokens)."""
@@ -388,15 +424,24 @@ def compute_match_budget(cfg, student_config):
     if os.path.isfile(run_cfg):
         with open(run_cfg) as f:
             other = yaml.safe_load(f) or {}
-        for k in ("student", "student_init", "seq_len", "global_batch_size"):
-            if other.get(k) != getattr(cfg, k):
-                raise ConfigError(f"compute_match={src} trained {k}={other.get(k)!r}, this run {getattr(cfg, k)!r}; "
-                                  f"a compute-matched baseline is the same student on the same data layout")
+        from distillery.config import PAIR_KEYS  # the keys eval/report.py pairs a baseline on, too
+        def norm(k, v):
+            return os.path.normpath(v) if k in ("data", "student_init") and v else v
+        for k in (k for k in PAIR_KEYS if k != "train_tokens"):
+            a, b = other.get(k), getattr(cfg, k)
+            if norm(k, a) != norm(k, b):
+                raise ConfigError(f"compute_match={src} trained {k}={a!r}, this run {b!r}; a compute-matched "
+                                  f"baseline shares every run-defining setting but the teacher's and train_tokens")
         teacher, distilled_tokens = other.get("teacher"), int(other["train_tokens"])
+        teacher_config = teacher
         if not other.get("alpha"):
             raise ConfigError(f"compute_match={src} is itself an alpha = 0 run; name a distilled run")
+        if other.get("teacher_cache"):  # the teacher's forward FLOPs from the cache (its teacher may not be here)
+            from distillery.teacher_cache import CacheReader
+            teacher_config = CacheReader(other["teacher_cache"]).teacher_config
     elif os.path.isfile(os.path.join(src, "config.json")):
-        teacher, distilled_tokens = src, cfg.train_tokens
+        teacher = teacher_config = src
+        distilled_tokens = cfg.train_tokens
     else:
         raise ConfigError(f"compute_match={src!r} is neither a run directory (config.yaml) nor a model directory "
                           f"(config.json); name the distilled run, e.g. compute_match=runs/kd-a0.4")
@@ -407,7 +452,7 @@ def compute_match_budget(cfg, student_config):
             raise ConfigError(f"compute_match_pretrain=true but teacher {teacher} has no {COMPUTE_FILE} (it was not "
                               f"trained by this trainer); set compute_match_pretrain=false")
     step = cfg.global_batch_size * cfg.seq_len
-    tokens = compute_matched_tokens(student_config, teacher, distilled_tokens, cfg.seq_len,
+    tokens = compute_matched_tokens(student_config, teacher_config, distilled_tokens, cfg.seq_len,
                                     count_teacher_pretraining=cfg.compute_match_pretrain,
                                     teacher_pretrain_flops=pretrain, multiple_of=step)
     return tokens, teacher, distilled_tokens

@@ -7,6 +7,7 @@ anchor run's loss 138 at step 0 instead of ln V, peers_and_pitfalls.md). HfDeepS
 reference, so each model is built inside its own short-lived `zero3_context` and the two configs never overlap.
 """
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -17,7 +18,7 @@ import torch
 
 from distillery import atomic
 from distillery.errors import ConfigError, DataError
-from distillery.shards import check_tokenizer
+from distillery.shards import check_tokenizer, sha256_file
 
 LLAMA3 = dict(arch="llama", heads=32, kv_heads=8, head_dim=128, vocab=128256, tie=False, rope_theta=500000.0,
               rms_eps=1e-5)
@@ -54,9 +55,9 @@ def attn_implementation(requested="auto", doc_mask=False):
     transformers.AttentionInterface (e.g. from a plugins/ file, imported before this runs). Whether it keeps packed
     documents apart is checked at the start of every run (distillery/maskprobe.py)."""
     if requested != "auto":
-        from transformers import AttentionInterface
-        known = ["eager", *AttentionInterface._global_mapping]
-        if requested not in known:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+        if requested not in known and "/" not in requested:  # "org/repo": a hub kernel transformers fetches itself
             raise ConfigError(f"attn_impl={requested!r} is not an attention kernel transformers knows; use auto or "
                               f"one of {', '.join(known)} (a kernel of your own: register it in a plugins/ "
                               f"file with transformers.AttentionInterface.register(name, fn), and its mask with "
@@ -256,6 +257,51 @@ def safetensors_names(fn, who="teacher"):
     return list(tensors)
 
 
+# A model's identity is its weights: two models of one architecture (one config.json) trained differently differ only
+# here. export_hf stores the hash with the export; elsewhere it is computed (a full read, ~1.3 s/GB on one core).
+WEIGHTS_RECORD = "distillery_weights.json"   # {"schema", "sha256", "files": {name: {"bytes", "mtime_ns", "sha256"}}}
+WEIGHTS_SCHEMA = "distillery_weights/1"
+
+
+def _digest(per_file):
+    """One sha256 over {relative file name: sha256} (sorted): the weights' content, however they are sharded."""
+    return hashlib.sha256(json.dumps(sorted(per_file.items())).encode()).hexdigest()
+
+
+def write_weights_record(path, who="model"):
+    """Hash the safetensors weights of `path` and store the result in <path>/distillery_weights.json (export_hf,
+    inside its temporary directory). Returns the digest."""
+    files = {os.path.relpath(f, path): os.stat(f) for f in weight_files(path, who)}
+    rec = {name: {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(os.path.join(path, name))}
+           for name, st in files.items()}
+    digest = _digest({k: v["sha256"] for k, v in rec.items()})
+    atomic.write_json(os.path.join(path, WEIGHTS_RECORD), {"schema": WEIGHTS_SCHEMA, "sha256": digest, "files": rec})
+    return digest
+
+
+def weights_sha256(path, who="teacher"):
+    """Content hash of a model directory's safetensors weights. A file whose size and mtime match its entry in
+    distillery_weights.json (written by export_hf) is taken from there; any other is read and hashed. Nothing is
+    written: the directory may not be ours (a hub download, a read-only share). A record kept across a copy that
+    preserves mtimes (cp -p, rsync -t) still holds; a weights file replaced by hand no longer matches and is re-read."""
+    files = weight_files(path, who)
+    rec = {}
+    try:
+        with open(os.path.join(path, WEIGHTS_RECORD)) as f:
+            d = json.load(f)
+        if isinstance(d, dict) and d.get("schema") == WEIGHTS_SCHEMA and isinstance(d.get("files"), dict):
+            rec = d["files"]
+    except (OSError, ValueError):
+        pass  # no record (or a torn one): hash the files
+    per = {}
+    for fn in files:
+        name, st = os.path.relpath(fn, path), os.stat(fn)
+        r = rec.get(name) if isinstance(rec.get(name), dict) else {}
+        ok = r.get("bytes") == st.st_size and r.get("mtime_ns") == st.st_mtime_ns and r.get("sha256")
+        per[name] = r["sha256"] if ok else sha256_file(fn)
+    return _digest(per)
+
+
 def check_weights(path, who="teacher"):
     """Without loading a tensor: config.json describes a model whose logits are h @ W^T (check_model_config), the
     weights are safetensors, every file is complete, and there is no output-layer bias. Returns the config."""
@@ -336,6 +382,7 @@ def export_hf(lm, out_dir, data_dir, dtype, extra_files=None, rank=0):
         os.makedirs(tmp)
         lm.config.save_pretrained(tmp)
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        write_weights_record(tmp)  # the export's identity, hashed once here (a teacher cache records it)
         tok_dir = os.path.join(data_dir, "tokenizer")
         for fn in sorted(os.listdir(tok_dir)) if os.path.isdir(tok_dir) else []:
             shutil.copy(os.path.join(tok_dir, fn), tmp)

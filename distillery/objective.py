@@ -31,6 +31,26 @@ class Objective:
 
     @classmethod
     def from_config(cls, cfg, total_steps):
+        obj = cls._build(cfg, total_steps)
+        obj.check_divergence_args(cfg.divergence)
+        return obj
+
+    def check_divergence_args(self, name):
+        """Call the divergence once on a toy pair of distributions (4 tokens x 16) with the run's divergence_args,
+        so a misspelt or out-of-range option stops the run at start, not at the first micro-step after config.yaml
+        is written. Divergences raise TypeError (unknown option) or ValueError (bad value), as
+        plugins/divergences.py does; anything else is a bug in the plugin and propagates."""
+        import torch
+        g = torch.Generator().manual_seed(0)
+        s, t = (torch.randn(4, 16, generator=g).log_softmax(-1) for _ in range(2))
+        try:
+            self.divergence(s_logp=s, t_logp=t, **self.divergence_args)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"divergence {name} rejects divergence_args {self.divergence_args}: {e}; fix "
+                              f"divergence_args (each divergence documents its options in plugins/)") from None
+
+    @classmethod
+    def _build(cls, cfg, total_steps):
         controller = None
         if cfg.alpha_controller:
             if cfg.alpha_schedule != "constant":
@@ -41,7 +61,8 @@ class Objective:
         elif cfg.alpha_controller_args:
             raise ConfigError("alpha_controller_args is set but alpha_controller is not; set alpha_controller=<name> "
                               f"(known: {', '.join(plugins.names('alpha_controller'))}) or drop the args")
-        return cls(controller=controller,divergence=plugins.get("divergence", cfg.divergence), mix=plugins.get("mix", cfg.mix),
+        return cls(controller=controller, divergence=plugins.get("divergence", cfg.divergence),
+                   mix=plugins.get("mix", cfg.mix),
                    schedule=plugins.get("alpha_schedule", cfg.alpha_schedule), total_steps=total_steps,
                    alpha=cfg.alpha, schedule_args=dict(start=cfg.alpha_start, end=cfg.alpha_end,
                                                        warmup_frac=cfg.alpha_warmup_frac,

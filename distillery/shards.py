@@ -155,6 +155,18 @@ def load_stream(data_dir, split, verify=False):
     return maps[0] if len(maps) == 1 else np.concatenate(maps)
 
 
+def check_eval_windows(data_dir, index, names, window, knob="eval_window"):
+    """Before any step: every named stream split holds at least one evaluation window of `window` tokens (a window
+    scores window - 1 targets; eval/ppl.py make_windows). Otherwise a one-line DataError naming the short sets, so a
+    run does not train to its end and fail in the final evaluation. `knob` names the setting to lower."""
+    short = [f"{n} ({index['splits'][n]['tokens']} tokens)" for n in names
+             if n in index["splits"] and index["splits"][n]["tokens"] < window]
+    if short:
+        raise DataError(f"eval set(s) {', '.join(short)} in {data_dir}: shorter than one window of {knob}={window}; "
+                        f"evaluation would fail (after training): lower {knob}, evaluate other sets (eval_sets=), "
+                        f"or build more data with data_prep")
+
+
 def verify_all(data_dir):
     """Check every shard's size, checksum and token ids (< vocab_size); raises DataError on the first bad one."""
     index = read_index(data_dir)

@@ -29,7 +29,7 @@ distribution to fp32 rounding, which is what makes K = vocab equal online KD.
 index.json:
     {"format": "distillery.teacher_cache", "version": 1, "method": "topk" | "sampled", "k": K, "temperature": T,
      "seed": s, "doc_mask": bool, "eos_id": id, "kd_vocab": v, "seq_len": S, "rows": R, "rows_per_shard": N,
-     "teacher": {"path", "config_sha256", "model_type", "vocab_size"},
+     "teacher": {"path", "config_sha256", "weights_sha256", "model_type", "vocab_size", "config"},
      "data": {"dir", "tokenizer", "vocab_hash", "split": "train", "seq_len", "rows", "shards_digest"},
      "record": {...}, "bytes_per_token": 8K + 4, "build": {...generator settings...},
      "files": [{"path": "shards/00000.bin", "first_row", "rows", "bytes", "sha256"}], "tokens", "bytes"}
@@ -80,7 +80,19 @@ def data_identity(data_dir, index=None):
 
 
 def teacher_identity(teacher_dir):
-    """Path and a hash of config.json (canonical JSON), the teacher's architecture identity."""
+    """Path, a hash of config.json (canonical JSON: the architecture), the content hash of the safetensors weights
+    (distillery.models.weights_sha256: two teachers of one architecture trained differently differ only there;
+    read from the export's record, else computed once per build) and the config itself (the FLOPs of the cache's
+    forward, distillery/flops.py, without the teacher directory)."""
+    from distillery.models import weights_sha256
+    conf, config_sha256 = _teacher_config(teacher_dir)
+    return {"path": os.path.abspath(teacher_dir), "config_sha256": config_sha256,
+            "weights_sha256": weights_sha256(teacher_dir), "model_type": conf.get("model_type"),
+            "vocab_size": conf.get("vocab_size"), "config": conf}
+
+
+def _teacher_config(teacher_dir):
+    """(config.json as a dict, sha256 of its canonical JSON)."""
     fn = os.path.join(teacher_dir, "config.json")
     try:
         with open(fn) as f:
@@ -88,9 +100,7 @@ def teacher_identity(teacher_dir):
     except (OSError, ValueError) as e:
         raise DataError(f"teacher {fn} cannot be read ({type(e).__name__}); give a Hugging Face-format "
                         f"directory") from None
-    blob = json.dumps(conf, sort_keys=True).encode()
-    return {"path": os.path.abspath(teacher_dir), "config_sha256": hashlib.sha256(blob).hexdigest(),
-            "model_type": conf.get("model_type"), "vocab_size": conf.get("vocab_size")}
+    return conf, hashlib.sha256(json.dumps(conf, sort_keys=True).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------- encoders (generator and tests)
@@ -159,6 +169,7 @@ class CacheReader:
 
     def __init__(self, cache_dir, verify=False):
         self.dir = cache_dir
+        self.notes = []            # one-line remarks from check() the trainer prints (rank 0)
         self.index = ix = read_cache_index(cache_dir)
         self.method, self.k, self.temperature = ix["method"], int(ix["k"]), float(ix["temperature"])
         self.seq_len, self.kd_vocab, self.doc_mask = int(ix["seq_len"]), int(ix["kd_vocab"]), bool(ix["doc_mask"])
@@ -196,10 +207,11 @@ class CacheReader:
                 raise DataError(f"teacher cache shard {os.path.join(self.dir, e['path'])} fails its checksum "
                                 f"(corrupt); delete it and rerun data_prep.teacher_cache")
 
-    def check(self, data_dir, temperature, doc_mask, k_needed=None, method=None, teacher=None):
+    def check(self, data_dir, temperature, doc_mask, k_needed=None, method=None, teacher=None, mode=None):
         """Refuse, in one line, a cache that was not made for this run: other training rows (tokenizer, row length,
         shard checksums), another temperature or document masking, fewer entries than `k_needed`, another `method`
-        ('topk' | 'sampled') or, when `teacher` (a directory) is given, another teacher config."""
+        ('topk' | 'sampled'), a top-k `mode` (tail, support) for a sampled cache, which has one estimator, or, when
+        `teacher` (a directory) is given, another teacher (config, then weights: check_teacher)."""
         ix, where = self.index, f"teacher cache {self.dir!r}"
         fix = "rebuild it with data_prep.teacher_cache for this run, or point teacher_cache= at the matching one"
         want = data_identity(data_dir)
@@ -223,6 +235,9 @@ class CacheReader:
                               f"positions); set doc_mask={str(self.doc_mask).lower()} or {fix}")
         if method is not None and method != self.method:
             raise ConfigError(f"{where} holds {self.method} targets, the run asks for {method}; {fix}")
+        if mode in ("tail", "support") and self.method == "sampled":
+            raise ConfigError(f"{where} holds sampled targets, which have one (unbiased) estimator; "
+                              f"teacher_cache_mode={mode} is for top-k caches: drop it")
         if k_needed is not None:
             k_needed = int(k_needed)
             if k_needed > self.k:
@@ -232,11 +247,42 @@ class CacheReader:
                 raise ConfigError(f"{where} holds {self.k} sampled draws; a sample cannot be cut to "
                                   f"{k_needed} (only top-k caches can): use k={self.k} or {fix}")
         if teacher is not None:
-            t = teacher_identity(teacher)
-            if t["config_sha256"] != ix["teacher"]["config_sha256"]:
-                raise ConfigError(f"{where} was made by teacher {ix['teacher']['path']!r}, whose config differs "
-                                  f"from {teacher!r}; {fix}")
+            self.check_teacher(teacher)
         return self
+
+    def check_teacher(self, teacher):
+        """Refuse, in one line, a teacher directory that did not make this cache: another config.json (checked
+        first, cheap), or the same architecture with other weights (content hash). A cache from before weight
+        hashes can only be checked on the config: that is said in self.notes."""
+        have, where = self.index["teacher"], f"teacher cache {self.dir!r}"
+        fix = "give the teacher that made it (or leave teacher= at its default), or rebuild the cache"
+        if _teacher_config(teacher)[1] != have["config_sha256"]:
+            raise ConfigError(f"{where} was made by teacher {have['path']!r}, whose config differs from "
+                              f"{teacher!r}; {fix}")
+        if not have.get("weights_sha256"):
+            self.notes.append(f"{where} predates weight hashes: teacher={teacher} was checked on its config only "
+                              f"(same architecture); rebuild the cache to check the weights too")
+            return
+        from distillery.models import weights_sha256
+        mine = weights_sha256(teacher)
+        if mine != have["weights_sha256"]:
+            raise ConfigError(f"{where} was made by teacher {have['path']!r} (weights sha256 "
+                              f"{have['weights_sha256'][:12]}); teacher={teacher!r} has the same config but other "
+                              f"weights ({mine[:12]}); {fix}")
+
+    @property
+    def teacher_config(self):
+        """The config.json (dict) of the teacher that made the cache, for FLOP accounting: stored in the index,
+        else (a cache from before that) read from the teacher directory the index names, if it is here."""
+        t = self.index["teacher"]
+        if isinstance(t.get("config"), dict):
+            return t["config"]
+        fn = os.path.join(t["path"], "config.json")
+        if os.path.isfile(fn):
+            with open(fn) as f:
+                return json.load(f)
+        raise ConfigError(f"teacher cache {self.dir!r} predates stored teacher configs and its teacher "
+                          f"{t['path']!r} is not here, so the FLOPs of its forward are unknown; rebuild the cache")
 
     def records(self, rows):
         """Raw records (numpy structured array [n]) of the given global row indices."""
@@ -265,3 +311,26 @@ class CacheReader:
             rest = torch.logaddexp(rest.double(), vals[..., k:].double().logsumexp(-1)).float()
             ids, vals = ids[..., :k].contiguous(), vals[..., :k].contiguous()
         return ids, vals, rest
+
+
+def open_cache(cfg, say=True):
+    """The run's teacher cache (cfg.teacher_cache), checked against the run (data, tokenizer, temperature, doc_mask,
+    k, mode) before any work. A teacher= given (not the default) that exists here must be the cache's teacher, by
+    config and weights (check_teacher); one that does not exist here is not needed (the point of a cache). The
+    default teacher= is no claim (it exists on any machine that ran the offline study): the run records the cache's
+    own teacher in cfg.teacher, so config.yaml, the report and compute_match name what made its targets. `say`:
+    print check()'s notes (rank 0)."""
+    from distillery.config import Config
+    if cfg.divergence != "forward_kl":
+        raise ConfigError(f"teacher_cache distills with the cache's sparse forward KL (teacher_cache_mode="
+                          f"{cfg.teacher_cache_mode}); divergence={cfg.divergence} needs the live teacher: drop "
+                          f"teacher_cache")
+    given = cfg.teacher not in ("", Config.teacher)  # teacher= empty or the default: no claim
+    cache = CacheReader(cfg.teacher_cache).check(cfg.data, cfg.temperature, cfg.doc_mask,
+                                                 k_needed=cfg.teacher_cache_k or None, mode=cfg.teacher_cache_mode,
+                                                 teacher=cfg.teacher if given and os.path.isdir(cfg.teacher) else None)
+    if not given:
+        cfg.teacher = cache.index["teacher"]["path"]
+    for n in cache.notes if say else ():
+        print(f"note: {n}")
+    return cache

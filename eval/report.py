@@ -9,20 +9,28 @@ out-of-domain gain; entropy change vs PPL change. Writes report.md, report.csv, 
 Roles, from each run's config.yaml:
   * compute-matched baseline: `compute_match` is set (non-empty): it names the distilled run whose FLOPs it matches
     (that run's config `name`, its run directory, or the directory's basename). It serves every distilled run with
-    the same teacher, student, student_init and train_tokens as the named one, paired by its own seed; one naming a
-    run of the same alpha is preferred (alpha does not change a run's FLOPs, the teacher does).
-  * token-matched baseline: alpha == 0 and no compute_match. Paired with distilled runs of the same seed, student,
-    student_init and train_tokens.
+    the same teacher and run-defining settings as the named one, paired by its own seed; one naming a run of the
+    same alpha is preferred (alpha does not change a run's FLOPs, the teacher does).
+  * token-matched baseline: alpha == 0 and no compute_match. Paired with distilled runs of the same seed and
+    run-defining settings (see Pairing below).
   * distilled: every other run, grouped by (teacher, alpha) (+ any `--by` config keys, e.g. --by temperature).
 PPL change % per seed = (PPL_distilled / PPL_baseline(same seed) - 1) x 100; reported as mean and standard error
 (sample std / sqrt(n), blank for n < 2) over seeds. "ood_mean" is, per seed, the mean change over every eval set but
 the in-domain one (`--in-domain`, default heldout), then mean +- s.e. over seeds.
-Final numbers: <run>/eval/final.json ("ppl": {set: {"ppl" | "ce"}}) when present, else the last eval record of
-metrics.jsonl ("eval/<set>/ppl", or exp of "eval/<set>/loss"). Entropy change, student - its token-matched
+Only finished runs count: a run needs <run>/finished.json (the trainer writes it last, once the schedule is complete);
+a run from before that marker counts when its metrics.jsonl reaches the schedule's last step. Every other run (one
+stopped by max_steps, preempted, crashed) is left out with a note. Final numbers: <run>/eval/final.json ("ppl": {set:
+{"ppl" | "ce"}}) of the finished step when present, else the last eval record of metrics.jsonl at that step
+("eval/<set>/ppl", or exp of "eval/<set>/loss").
+Pairing: a baseline shares with the run every run-defining key (config.RUN_DEFINING, the keys a resume may not
+change) but the seed (paired) and the distillation's own (config.KD_KEYS: teacher, alpha, temperature, ...), and the
+evaluation (eval data, window, window cap); an unpaired run is named in the notes with the nearest baseline's
+differences. Entropy change, student - its token-matched
 baseline, on the in-domain text: the "entropy" of <run>/eval/ppl.json (`python -m eval.ppl --entropy`, the paper's
 analysis on fixed text) when both runs have it, else their last logged "entropy/student" (training batches; a run
 without a teacher logs none).
-Compute: the last "compute/run_flops" of metrics.jsonl (student training + teacher forward, what compute_match equals),
+Compute: the last "compute/run_flops" of metrics.jsonl (student training + the teacher forward over its tokens, run
+live or read from a teacher cache: what compute_match equals),
 or "compute/total_flops" (+ the teacher's amortised pretraining) where the compute-matched baseline was matched with
 compute_match_pretrain=true; a run that logs only total_flops is read from that. Teacher size: parameters of <teacher>/config.json; teacher
 tokens: <teacher>/distillery_compute.json "tokens", else the train_tokens of <teacher>/distillery_config.yaml.
@@ -39,11 +47,18 @@ import sys
 
 import yaml
 
-from distillery import flops
+from distillery import flops, runlog
 from distillery.atomic import atomic_path, read_jsonl, write_text
+from distillery.config import PAIR_KEYS
 from distillery.errors import ConfigError, EvalError, cli
 
-MATCH_KEYS = ("student", "student_init", "train_tokens")  # what a baseline must share with the run it is paired to
+# What a baseline must share with the run it is paired to: every run-defining key (the list resume.py refuses to
+# change, config.RUN_DEFINING) except the seed (paired separately) and what makes a run distilled (config.KD_KEYS),
+# then the evaluation its numbers come from (eval data, window, window cap). A compute-matched baseline shares them
+# with the run it names, train_tokens aside.
+MATCH_KEYS = PAIR_KEYS
+EVAL_KEYS = ("eval_data", "eval_window", "eval_max_windows")
+PATH_KEYS = ("data", "student_init", "eval_data")
 CSV_COLUMNS = ["reference", "teacher", "teacher_name", "alpha", "group", "teacher_params", "teacher_tokens",
                "teacher_pretrain_flops", "eval_set", "domain", "n", "seeds", "ppl_mean", "ref_ppl_mean",
                "ppl_change_pct_mean", "ppl_change_pct_se", "flops_mean", "ref_flops_mean"]
@@ -96,19 +111,24 @@ def _subruns(d):
     return [s for s in subs if os.path.isdir(s) and _is_run(s)]
 
 
-def final_ppl(run_dir, records):
-    """({set: ppl}, source) from eval/final.json, else the last eval record of metrics.jsonl; ({}, None) if none."""
+def final_ppl(run_dir, records, cfg=None, step=None):
+    """({set: ppl}, source, eval) of the run's final model: eval/final.json, else the last eval record of
+    metrics.jsonl; ({}, None, None) if none. With `step` (the step the run finished at) a final.json or eval record
+    of another step is not the final model's and is not used. `eval` = (eval data, window, window cap) the numbers
+    were measured with: final.json's own, else the run config's (`cfg`)."""
+    cfg = cfg or {}
     fj = os.path.join(run_dir, "eval", "final.json")
     if os.path.isfile(fj):
         try:
             with open(fj) as f:
-                sets = (json.load(f) or {}).get("ppl") or {}
+                d = json.load(f) or {}
+            sets = d.get("ppl") or {}
         except (json.JSONDecodeError, AttributeError):
             raise EvalError(f"{fj} is not a final-eval JSON; delete it to use metrics.jsonl's last eval") from None
         out = {s: float(v["ppl"]) if "ppl" in v else math.exp(v["ce"]) for s, v in sets.items()
                if isinstance(v, dict) and ("ppl" in v or "ce" in v)}
-        if out:
-            return out, "eval/final.json"
+        if out and (step is None or d.get("step") in (None, step)):
+            return out, "eval/final.json", (_norm(d.get("data")), d.get("window"), d.get("max_windows"))
     for r in reversed(records):
         ev = {}
         for k, v in r.items():
@@ -117,8 +137,15 @@ def final_ppl(run_dir, records):
                 ppl = float(v) if parts[2] == "ppl" else math.exp(v)
                 ev[parts[1]] = ev.get(parts[1], ppl) if parts[2] == "loss" else ppl  # an explicit ppl wins
         if ev:
-            return ev, "metrics.jsonl"
-    return {}, None
+            if step is not None and r.get("step") != step:
+                break  # the last evaluation is of an earlier model
+            return ev, "metrics.jsonl", (_norm(cfg.get("eval_data") or cfg.get("data")), cfg.get("eval_window"),
+                                         cfg.get("eval_max_windows"))
+    return {}, None, None
+
+
+def _norm(path):
+    return os.path.normpath(path) if isinstance(path, str) and path else path
 
 
 def text_entropy(run_dir):
@@ -166,7 +193,8 @@ def load_run(run_dir):
     if not isinstance(cfg, dict) or "alpha" not in cfg:
         raise EvalError(f"{cfg_path} has no alpha; give the resolved config the trainer wrote")
     records = read_jsonl(met_path)
-    ppl, source = final_ppl(run_dir, records)
+    done, how = runlog.finished(run_dir, cfg, records)
+    ppl, source, ev = final_ppl(run_dir, records, cfg, done) if done is not None else ({}, None, None)
     ent = _last(records, "entropy/student")
     comp = _last(records, "compute/total_flops") or {}
     alpha = float(cfg["alpha"])
@@ -174,7 +202,7 @@ def load_run(run_dir):
     role = "compute" if cm not in (None, "", False) else "token" if alpha == 0 else "distilled"
     return {"dir": run_dir, "cfg": cfg, "name": str(cfg.get("name") or os.path.basename(run_dir.rstrip("/"))),
             "role": role, "alpha": alpha, "seed": cfg.get("seed"), "teacher": str(cfg.get("teacher") or ""),
-            "compute_match": cm, "ppl": ppl, "source": source,
+            "compute_match": cm, "ppl": ppl, "source": source, "eval": ev, "finished": done, "finished_how": how,
             "entropy": None if ent is None else float(ent["entropy/student"]),
             "text_entropy": text_entropy(run_dir),
             "flops": _float(comp.get("compute/total_flops")),
@@ -237,8 +265,19 @@ def teacher_label(path):
 
 
 # ---------------------------------------------------------------------------- pairing
-def _match_key(run):
-    return tuple(run["cfg"].get(k) for k in MATCH_KEYS)
+def _match_key(run, skip=()):
+    """The run-defining settings a baseline must share (MATCH_KEYS), then the evaluation (EVAL_KEYS)."""
+    cfg = run["cfg"]
+    return (tuple(_norm(cfg.get(k)) if k in PATH_KEYS else cfg.get(k) for k in MATCH_KEYS if k not in skip)
+            + tuple(run["eval"] or (None, None, None)))
+
+
+def _key_names(skip=()):
+    return [k for k in MATCH_KEYS if k not in skip] + list(EVAL_KEYS)
+
+
+def _differences(a, b, skip=()):
+    return [k for k, x, y in zip(_key_names(skip), _match_key(a, skip), _match_key(b, skip)) if x != y]
 
 
 def _dup_error(what, a, b):
@@ -278,6 +317,11 @@ def pair_runs(runs, by=()):
                          f"runs; pass that run too")
             continue
         n = named[0]
+        diff = _differences(n, b, skip=("train_tokens",))
+        if diff:
+            notes.append(f"compute-matched baseline {b['dir']} differs from {n['dir']}, the run it names, in "
+                         f"{', '.join(diff)}; not paired")
+            continue
         compute.setdefault((n["teacher"], _match_key(n), b["seed"]), []).append((n["alpha"], b))
     token_ref, compute_ref = {}, {}
     for r in distilled:
@@ -290,9 +334,15 @@ def pair_runs(runs, by=()):
             raise _dup_error(f"compute-matched baselines for teacher {r['teacher']} alpha {r['alpha']}", *exact[:2])
         if exact or cands:
             compute_ref[r["dir"]] = (exact or sorted((b for _, b in cands), key=lambda b: b["dir"]))[0]
-    unpaired = [r["dir"] for r in distilled if r["dir"] not in token_ref and r["dir"] not in compute_ref]
-    if unpaired:
-        notes.append(f"no baseline of the same seed, student and train_tokens for: {', '.join(unpaired)}")
+    for r in distilled:
+        if r["dir"] in token_ref or r["dir"] in compute_ref:
+            continue
+        near = sorted(((len(d), b["dir"], d) for b in runs if b["role"] == "token" and b["seed"] == r["seed"]
+                       for d in [_differences(r, b)]))
+        why = (f"; the nearest, {near[0][1]}, differs in {', '.join(near[0][2])}" if near else
+               f"; no alpha = 0 run of seed {r['seed']}")
+        notes.append(f"no baseline with the same seed and run-defining settings ({', '.join(_key_names())}) for "
+                     f"{r['dir']}{why}")
     return groups, token_ref, compute_ref, notes
 
 
@@ -301,15 +351,24 @@ def summarize(runs, in_domain="heldout", by=(), teacher_roots=()):
     """Everything the report shows, as plain data."""
     notes = []
     for r in runs:
-        if not r["ppl"]:
-            notes.append(f"{r['dir']}: no evaluation yet (no eval/final.json, no eval record); left out")
+        if r["finished"] is None:
+            notes.append(f"{r['dir']}: not finished ({r['finished_how']}): left out; its numbers would be those of a "
+                         f"model before the end of its schedule")
+        elif not r["ppl"]:
+            notes.append(f"{r['dir']}: no evaluation of its final model (step {r['finished']}: no eval/final.json, no "
+                         f"eval record); left out")
+    legacy = [r["dir"] for r in runs if r["ppl"] and r["finished_how"] != runlog.FINISHED]
+    if legacy:
+        notes.append(f"no {runlog.FINISHED} (runs from before the marker), taken as finished because metrics.jsonl "
+                     f"reaches the schedule's last step: {', '.join(legacy)}")
     runs = [r for r in runs if r["ppl"]]
+    left = "".join(f" [{n}]" for n in notes if "left out" in n)  # what was skipped, in the one error line
     if not any(r["role"] == "distilled" for r in runs):
         raise EvalError(f"no distilled run (alpha > 0) with an evaluation among {len(runs)} evaluated runs; "
-                        f"add the distilled runs of the grid")
+                        f"add the distilled runs of the grid{left}")
     if not any(r["role"] in ("token", "compute") for r in runs):
         raise EvalError("no baseline among the runs: add the alpha = 0 runs (token-matched) or runs with "
-                        "compute_match set (compute-matched)")
+                        f"compute_match set (compute-matched){left}")
     groups, token_ref, compute_ref, pair_notes = pair_runs(runs, by)
     notes += pair_notes
     teachers = {}
@@ -575,7 +634,8 @@ def markdown(summary, figs):
         kinds = {r["flops_kind"] for r in rs if r["flops_mean"] is not None}
         if kinds:
             out.append("\nFLOPs: " + " and ".join(sorted(
-                {"run_flops": "student training + teacher forward (`compute/run_flops`)",
+                {"run_flops": "student training + teacher forward, live or spent by a teacher cache on the rows "
+                              "the run read (`compute/run_flops`)",
                  "flops": "student training + teacher forward + the teacher's amortised pretraining "
                           "(`compute/total_flops`, the baselines set compute_match_pretrain)"}[k] for k in kinds))
                        + "; the ratio is the baseline's share of the distilled run's.\n")

@@ -7,12 +7,18 @@ Options (callback_args.eval_final; None = the trainer's own setting):
   data         data dir of the sets (default: the run's eval_data, else data)
   tasks, local, strategy, limit, tokenizer, include_path, lm_attr: downstream at the end, as in eval_downstream
   path         output file relative to the run dir (default eval/final.json)
-  reuse        True (default): when the trainer's own eval ran at this very step with the same sets and window,
-               its numbers are used instead of a second pass (recorded as "source": "in_loop_eval")
-Logs final/<set>/ppl and final/<set>/ce (to every writer, through the trainer's end-of-run metrics). Collective: the
-evaluation runs on every rank; rank 0 writes the JSON. The same numbers come out of
-`python -m eval.ppl --model <run_dir> --window W` on the exported model.
+  reuse        True (default): when the trainer's own eval ran at this very step on the same evaluation (eval
+               data: its directory and the checksums of its streams; window; window cap), its numbers are used
+               instead of a second pass (recorded as "source": "in_loop_eval"). In-loop numbers of other eval data
+               (a resume=auto rerun with another eval_data) are never reused.
+Only a run whose schedule is complete gets a final evaluation: a run stopped earlier by max_steps writes no
+final.json (its model is not the run's final one) and says so in a `note:` line; the rerun with resume=auto that
+completes it writes the file. Logs final/<set>/ppl and final/<set>/ce (to every writer, through the trainer's
+end-of-run metrics). Collective: the evaluation runs on every rank; rank 0 writes the JSON. The same numbers come
+out of `python -m eval.ppl --model <run_dir> --window W` on the exported model.
 """
+import hashlib
+import json
 import math
 import os
 import time
@@ -49,12 +55,20 @@ class EvalFinal(Callback):
         if not os.path.isfile(os.path.join(o["data"], "index.json")):
             raise common.EvalError(f"eval_final: no data dir at {o['data']!r}; set callback_args.eval_final.data "
                                    f"to a data_prep output directory")
+        from distillery import shards
+        index = shards.read_index(o["data"])
+        names = o["sets"] if isinstance(o["sets"], (list, tuple)) and list(o["sets"]) != ["all"] else [
+            n for n, sp in index["splits"].items() if sp.get("kind") == "stream"]
+        # the trainer checks its own eval_window in resolve(); this is eval_final's window option
+        shards.check_eval_windows(o["data"], index, names, o["window"], "callback_args.eval_final.window")
 
     def on_train_start(self, ctx):
         self._check_data(self.resolved(ctx.cfg))  # before the first step, not after the last
 
     def on_eval(self, ctx, step, results):
-        self.last_eval = {"step": step, "results": dict(results or {})}
+        cfg = ctx.cfg
+        self.last_eval = {"step": step, "results": dict(results or {}),
+                          "eval": eval_identity(cfg.eval_data or cfg.data, cfg.eval_window, cfg.eval_max_windows)}
 
     def state_dict(self):
         return {"last_eval": self.last_eval}
@@ -66,8 +80,8 @@ class EvalFinal(Callback):
         """PPL from the trainer's in-loop eval at this step, when it measured exactly this."""
         from eval import ppl
         le = self.last_eval
-        if not (o["reuse"] and le and le["step"] == step and o["window"] == cfg.eval_window
-                and o["max_windows"] == cfg.eval_max_windows):
+        if not (o["reuse"] and le and le["step"] == step
+                and le.get("eval") == eval_identity(o["data"], o["window"], o["max_windows"])):
             return None
         out = {}
         for name, toks in sets.items():
@@ -83,6 +97,13 @@ class EvalFinal(Callback):
         from eval import common, ppl
         t0 = time.time()
         o = self.resolved(ctx.cfg)
+        if step < ctx.total_steps:  # every rank alike (collective evaluation): skip on all or none
+            if ctx.rank == 0:
+                print(f"note: eval_final: skipped: the run stopped at step {step} of {ctx.total_steps} (max_steps), "
+                      f"so its model is not the final one; {o['path']} is written when the schedule completes "
+                      f"(rerun with resume=auto)", flush=True)
+            self.result = None
+            return None
         self._check_data(o)
         names = o["sets"] if isinstance(o["sets"], (list, tuple)) else [o["sets"]]
         sets = common.load_sets(o["data"], names)
@@ -104,3 +125,13 @@ class EvalFinal(Callback):
             common.write_json(os.path.join(ctx.run_dir, o["path"]), out)
         self.result = out
         return out
+
+
+def eval_identity(data_dir, window, max_windows):
+    """What an evaluation's numbers depend on besides the model: the eval data (its directory, and a digest of the
+    checksums its index.json gives every stream file, so a rebuilt set differs too), the window and the window cap."""
+    from distillery import shards
+    splits = shards.read_index(data_dir)["splits"]
+    files = sorted((n, [f["sha256"] for f in sp["files"]]) for n, sp in splits.items() if sp.get("kind") == "stream")
+    return {"data": os.path.realpath(data_dir), "streams": hashlib.sha256(json.dumps(files).encode()).hexdigest(),
+            "window": int(window), "max_windows": int(max_windows)}

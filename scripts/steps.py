@@ -8,6 +8,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from distillery import runlog  # noqa: E402
 from distillery.atomic import read_json, write_json  # noqa: E402
 from distillery.launch import free_port  # noqa: E402
 
@@ -31,8 +32,9 @@ def prepare(a):
 
 
 def finished(run_dir):
-    """A training run is finished when its export exists (the trainer writes it last)."""
-    return os.path.isfile(os.path.join(run_dir, "export", "config.json"))
+    """A training run is finished when its schedule completed: the trainer's finished.json (or, for a run from before
+    that marker, a metrics.jsonl that reaches the schedule's last step): distillery.runlog.finished."""
+    return os.path.isdir(run_dir) and runlog.finished(run_dir)[0] is not None
 
 
 def ensure_offline_data():

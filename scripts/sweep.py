@@ -5,8 +5,8 @@
     python scripts/sweep.py --name alpha-sweep --grid alpha=0,0.2,0.5 --seeds 43,44,45 --summarize-only
 
 Each run is `<launcher> train.py <args after --> <grid overrides> seed=<s> name=<sweep>/<point>-s<seed>` with
-out_dir=runs; finished runs (an export/ exists) are skipped, so a sweep can be resumed or extended. The seed moves
-the initialisation and the data order together (the paper's students differ from their teachers that way).
+out_dir=runs; finished runs (distillery.runlog.finished) are skipped, so a sweep can be resumed or extended. The seed
+moves the initialisation and the data order together (the paper's students differ from their teachers that way).
 
 The summary pairs every grid point with the reference point (default: the first value of the first grid key, e.g.
 alpha=0, the baseline) *seed by seed*: PPL change % = (ppl - ppl_ref) / ppl_ref x 100 per seed, reported as mean
@@ -43,8 +43,8 @@ def run_name(sweep, point, seed):
 
 
 def final_losses(run_dir):
-    """Last evaluation of a run: {set: loss}, or None if it has not finished."""
-    if not os.path.isdir(os.path.join(run_dir, "export")) or not os.path.isfile(runlog.metrics_path(run_dir)):
+    """Last evaluation of a run: {set: loss}, or None if it has not finished (runlog.finished: its schedule)."""
+    if not os.path.isfile(runlog.metrics_path(run_dir)) or runlog.finished(run_dir)[0] is None:
         return None
     return runlog.final_losses(run_dir)
 

@@ -125,3 +125,43 @@ def test_callback_error_prints_one_line(data_dir, tmp_path):
                      "data_prep output directory"]
     assert "Traceback" not in p.stderr
     assert not os.path.exists(tmp_path / "cb" / "metrics.jsonl")  # no step ran
+
+
+# Issue 20, item 3: options the first micro-step used to find (a TypeError / ValueError from the divergence, after
+# config.yaml was written) and attn_impl (a transformers error while the engines were built) stop resolve() instead.
+@pytest.mark.parametrize("overrides, needle", [
+    (["divergence_args={bogus: 1}"], "divergence forward_kl rejects divergence_args {'bogus': 1}"),
+    (["divergence=top_k"], "divergence top_k rejects divergence_args {}: top_k: give exactly one of k"),
+    (["divergence=top_k", "divergence_args={k: 0}"], "top_k: k must be >= 1, got 0"),
+    (["divergence=jsd", "divergence_args={beta: 2}"], "jsd: beta must be in [0, 1], got 2"),
+    (["attn_impl=bogus"], "attn_impl='bogus' is not an attention kernel transformers knows"),
+])
+def test_options_used_only_by_the_first_step_are_checked_in_resolve(data_dir, teacher_dir, tmp_path, overrides,
+                                                                     needle):
+    with pytest.raises(ConfigError) as e:
+        resolve(data_dir, tmp_path, "alpha=0.5", f"teacher={teacher_dir}", *overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not os.listdir(tmp_path)
+
+
+def test_eval_sets_smaller_than_a_window_are_said_and_refused(tmp_path, capfd):
+    """Issue 20, item 7: a data set whose held-out split drew no document (12 documents, 3 % held out by content hash)
+    is reported by data_prep when it is built; a run that would evaluate on a set shorter than one eval_window is
+    refused in resolve(), in one line, instead of training to the end and dying in the final evaluation."""
+    from data_prep import offline
+    data = tmp_path / "d"
+    offline.main(["--out", str(data), "--vocab_size", "512", "--seq_len", "64", "--max_train_mb", "0.3",
+                  "--workers", "0"])
+    err = capfd.readouterr().err
+    assert "warning: split heldout of" in err and "is empty (0 tokens" in err, err
+    out = tmp_path / "runs"
+    with pytest.raises(DataError) as e:
+        resolve(data, out, "alpha=0")
+    msg = str(e.value)
+    assert "eval set(s) heldout (0 tokens)" in msg and "eval_window=64" in msg and "\n" not in msg, msg
+    assert not out.exists()
+    with pytest.raises(DataError, match=r"ood_english \(\d+ tokens\) .*eval_window=1000000"):
+        resolve(data, out, "alpha=0", "eval_sets=[ood_english]", "eval_window=1000000")
+    assert resolve(data, out, "alpha=0", "eval_sets=[ood_english,ood_c]").cfg.eval_sets == ["ood_english", "ood_c"]
+    assert resolve(data, out, "alpha=0", "eval_interval=-1", "callbacks=[progress]")  # nothing evaluates: no check
+    assert not out.exists()

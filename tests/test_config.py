@@ -73,9 +73,10 @@ def test_ds_configs_hold_engine_settings_only(path):
 
 def test_every_key_is_classified_for_resume():
     """Each config key is either run-defining (refused when changed on resume) or may change (applied, recorded)."""
-    from distillery.config import FIELDS, MAY_CHANGE, RUN_DEFINING
+    from distillery.config import FIELDS, KD_KEYS, MAY_CHANGE, RUN_DEFINING
     assert not set(RUN_DEFINING) & set(MAY_CHANGE)
     assert set(RUN_DEFINING) | set(MAY_CHANGE) == set(FIELDS)
+    assert set(KD_KEYS) < set(RUN_DEFINING)  # what a baseline may differ in (eval/report.py pairs on the rest)
 
 
 def test_yaml_syntax_error_is_one_line(tmp_path):
@@ -86,3 +87,35 @@ def test_yaml_syntax_error_is_one_line(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="not valid YAML; quote it"):
         parse_overrides(["eval_sets=[a,b"])
+
+
+# Issue 20, item 3: every setting is checked when the config is read, before any file is written (these were
+# accepted by resolve() and failed, if at all, at the first micro-step, after config.yaml was written).
+@pytest.mark.parametrize("override, needle", [
+    ("teacher_cache_mode=bogus", "teacher_cache_mode='bogus': use renorm, tail or support"),
+    ("teacher_cache_k=-3", "teacher_cache_k=-3 must be >= 0"),
+    ("eval_window=1", "eval_window=1 must be >= 2"),
+    ("eval_max_windows=0", "eval_max_windows=0 must be > 0"),
+    ("eval_batch_size=0", "eval_batch_size=0 must be > 0"),
+    ("eval_interval=-7", "eval_interval=-7 must be >= -1"),
+    ("save_interval=-2", "save_interval=-2 must be >= 0"),
+    ("max_steps=-1", "max_steps=-1 must be >= 0"),
+    ("seed=-1", "seed=-1 must be >= 0"),
+    ("lr=-1", "lr=-1.0 must be >= 0"),
+    ("grad_clip=-1", "grad_clip=-1.0 must be >= 0"),
+    ("weight_decay=-1", "weight_decay=-1.0 must be >= 0"),
+    ("eps=-1", "eps=-1.0 must be >= 0"),
+    ("beta1=1.5", "beta1=1.5 must be in [0, 1)"),
+    ("beta2=-0.1", "beta2=-0.1 must be in [0, 1)"),
+    ("min_lr_frac=2", "min_lr_frac=2.0 must be in [0, 1]"),
+    ("warmup_frac=1.5", "warmup_frac=1.5 must be in [0, 1]"),
+    ("alpha_start=5", "alpha_start=5.0 must be in [0, 1]"),
+    ("alpha_end=-1", "alpha_end=-1.0 must be in [0, 1]"),
+    ("alpha_warmup_frac=2", "alpha_warmup_frac=2.0 must be in [0, 1]"),
+    ("alpha_decay_frac=-1", "alpha_decay_frac=-1.0 must be in [0, 1]"),
+    ("name=", "name='' must name the run directory"),
+])
+def test_bad_values_fail_when_the_config_is_read(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -47,8 +47,8 @@ class FakeEngine:
 def trainer_cfg(data, **extra):
     """The trainer's typed config with the eval settings the callbacks read."""
     from distillery.config import Config
-    return Config(data=data, eval_sets=["a", "b"], eval_window=32, eval_max_windows=4, eval_batch_size=2,
-                  loss_impl="plain", loss_chunk_size=1024, **extra)
+    return Config(**{**dict(data=data, eval_sets=["a", "b"], eval_window=32, eval_max_windows=4, eval_batch_size=2,
+                            loss_impl="plain", loss_chunk_size=1024), **extra})
 
 
 def run_ctx(cfg, engine, run_dir, names, writer=None):
@@ -123,6 +123,35 @@ def test_eval_final_single_process(env, tmp_path):
         cbs4("on_train_end", ctx4, step=5, export_dir=None, metrics={})
     with pytest.raises(ValueError, match="unknown option"):
         plugins.get("callback", "eval_final")(windw=3)
+
+
+def test_eval_final_needs_the_finished_schedule_and_the_same_eval_to_reuse(env, tmp_path, capsys):
+    """Issue 20, items 4 and 5: a run stopped by max_steps before its schedule's end writes no eval/final.json (its
+    model is not the final one) and says so; the in-loop numbers are reused only when they measured the same eval
+    data (a resume=auto rerun with another eval_data used to get the old numbers under the new label), window and
+    window cap."""
+    engine = FakeEngine(env["model"])
+    cbs, ctx = run_ctx(trainer_cfg(env["data"]), engine, tmp_path / "stopped", ["eval_final"])
+    assert cbs("on_train_end", ctx, step=2, export_dir=None, metrics={}) is None
+    assert not (tmp_path / "stopped" / "eval" / "final.json").exists() and cbs.items[0].result is None
+    assert "eval_final: skipped: the run stopped at step 2 of 5" in capsys.readouterr().out
+    # the in-loop eval measured other data (same set names): recomputed on the data asked for
+    rng = np.random.default_rng(5)
+    other = T.write_stream_data(str(tmp_path / "other"), {"a": rng.integers(0, len(env["tok"]), 5 * 32),
+                                                          "b": rng.integers(0, len(env["tok"]), 3 * 32)}, env["tok"])
+    cbs, ctx = run_ctx(trainer_cfg(env["data"]), engine, tmp_path / "r", ["eval_final"])
+    cbs("on_eval", ctx, step=5, results={"eval/a/loss": 1.0, "eval/b/loss": 1.0})
+    state = cbs.state_dict()  # what the checkpoint holds
+    for cfg, want in ((trainer_cfg(env["data"], eval_data=other), "computed"),
+                      (trainer_cfg(env["data"], eval_max_windows=3), "computed"),
+                      (trainer_cfg(env["data"]), "in_loop_eval")):
+        cbs, ctx = run_ctx(cfg, engine, tmp_path / "r", ["eval_final"])
+        cbs.load_state_dict(state)  # resume=auto: the callbacks' state comes back from the checkpoint
+        cbs("on_train_end", ctx, step=5, export_dir=None, metrics={})
+        got = cbs.items[0].result
+        assert got["source"] == want and got["data"] == (cfg.eval_data or cfg.data), (cfg, got["source"])
+        if want == "computed":
+            assert got["ppl"]["a"]["ce"] != 1.0
 
 
 def test_eval_downstream_single_process(env, tmp_path):

@@ -159,3 +159,24 @@ def test_data_token_ids(env):
 @pytest.mark.slow
 def test_data_without_tokenizer(env):
     check(env, "data_without_tokenizer")
+
+
+# --- issue 20: cache provenance, settings checked at start, unfinished runs, eval sets too small
+def test_eval_set_too_small(env):
+    check(env, "eval_set_too_small")
+
+
+@pytest.mark.slow
+def test_cache_wrong_teacher(env):
+    check(env, "cache_wrong_teacher")
+
+
+@pytest.mark.slow
+def test_config_checked_at_start(env):
+    check(env, "config_checked_at_start")
+
+
+@pytest.mark.slow
+def test_max_steps_unfinished(env):
+    o = check(env, "max_steps_unfinished")
+    assert o.steps_lost == 0 and o.weights_equal is True

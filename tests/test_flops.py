@@ -129,6 +129,29 @@ def test_ledger_metrics_and_resume():
         flops.ComputeLedger(te, S).load_state_dict(base.to_dict())
 
 
+def test_cached_ledger_charges_the_caches_forward_not_a_live_one():
+    """Issue 20, item 2: a cached run's ledger has no live teacher forward; the forward its cache spent on its tokens
+    is its own line (teacher_cache) and in run_flops, so run_flops equal the online run's; the state round-trips and a
+    checkpoint of an online run does not load into a cached ledger."""
+    st, te = hf_config("micro", V, S), hf_config("tiny-teacher", V, S)
+    online, cached = flops.ComputeLedger(st, S, te), flops.ComputeLedger(st, S, te, cached=True)
+    for led in (online, cached):
+        led.add_step(512)
+        led.add_step(512)
+    m, c = online.metrics(), cached.metrics()
+    t_f = 1024 * flops.forward_flops_per_token(te, S)
+    assert c["compute/teacher_flops"] == 0 and c["compute/teacher_cache_flops"] == t_f == m["compute/teacher_flops"]
+    assert c["compute/run_flops"] == m["compute/run_flops"] == 1024 * 688128 + t_f
+    for k in ("compute/teacher_share", "compute/step_flops"):
+        assert c[k] == m[k], k
+    assert c["compute/teacher_cache_tokens"] == 1024 and c["compute/teacher_tokens"] == 0
+    d = cached.to_dict()
+    assert d["flops"]["teacher_cache"] == t_f and d["flops"]["run"] == d["flops"]["total"] == c["compute/run_flops"]
+    assert flops.ComputeLedger.from_dict(json.loads(json.dumps(d)), st, te).metrics() == c
+    with pytest.raises(ConfigError, match="without a teacher cache"):
+        flops.ComputeLedger(st, S, te, cached=True).load_state_dict(online.to_dict())
+
+
 def test_export_compute_file(tmp_path):
     st = hf_config("micro", V, S)
     assert flops.read_export_compute(str(tmp_path)) is None and flops.export_pretrain_flops(str(tmp_path)) is None

@@ -289,3 +289,35 @@ def test_save_random_init_is_seeded_and_loadable(data_dir, tmp_path):
     pa, pb, pc = (dict(m.named_parameters()) for m in (ma, mb, mc))
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert any(not torch.equal(pa[k], pc[k]) for k in pa if pa[k].ndim == 2)
+
+
+# --- issue 20: a model's identity is its weights (a content hash), not only its config.json
+def test_weights_sha256_tells_same_architecture_apart_and_export_stores_it(model_dir, tmp_path, monkeypatch):
+    """Two models of one architecture (same config.json) with different weights hash differently; export_hf stores
+    the hash (distillery_weights.json), which is then read instead of re-hashing the weights; a directory without the
+    record (save_pretrained) is hashed (a full read); a record whose file size or mtime no longer matches is ignored."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from distillery import models
+    _dist()
+    torch.manual_seed(1)
+    other = tmp_path / "other"
+    AutoModelForCausalLM.from_config(hf_config("micro", 128, 64)).save_pretrained(other)
+    assert (other / "config.json").read_text() == (model_dir / "config.json").read_text()
+    a, b = models.weights_sha256(str(model_dir)), models.weights_sha256(str(other))
+    assert len(a) == 64 and a != b
+    # an export records the hash of what it wrote
+    m = AutoModelForCausalLM.from_config(hf_config("micro", 128, 64))
+    export_hf(m, str(tmp_path / "e"), str(tmp_path), "float32")
+    rec = json.loads((tmp_path / "e" / models.WEIGHTS_RECORD).read_text())
+    digest = rec["sha256"]
+    reads = []
+    monkeypatch.setattr(models, "sha256_file", lambda p: reads.append(p) or "x")
+    assert models.weights_sha256(str(tmp_path / "e")) == digest and reads == []  # stored: no read of the weights
+    monkeypatch.undo()
+    shutil.copytree(tmp_path / "e", tmp_path / "e2")  # copytree keeps mtimes: the record still holds
+    assert models.weights_sha256(str(tmp_path / "e2")) == digest
+    # the weights replaced by other ones of the same size (by hand): the record no longer matches and is ignored
+    shutil.copy(other / "model.safetensors", tmp_path / "e2" / "model.safetensors")
+    assert set(load_file(other / "model.safetensors")) == set(load_file(tmp_path / "e" / "model.safetensors"))
+    assert models.weights_sha256(str(tmp_path / "e2")) == b

@@ -35,7 +35,7 @@ TINY_TEACHER = dict(LLAMA, hidden_size=96, num_hidden_layers=2, num_attention_he
                     head_dim=24, intermediate_size=256)
 
 
-def write_run(root, name, cfg, ppl, seed, via_final, extra=None, loss_only=False):
+def write_run(root, name, cfg, ppl, seed, via_final, extra=None, loss_only=False, finished=True):
     d = root / "runs" / "grid" / name
     d.mkdir(parents=True)
     (d / "config.yaml").write_text(yaml.safe_dump({"name": f"grid/{name}", "out_dir": "runs", "seed": seed,
@@ -50,6 +50,8 @@ def write_run(root, name, cfg, ppl, seed, via_final, extra=None, loss_only=False
         key = "loss" if loss_only else "ppl"
         recs.append({"step": 2, **{f"eval/{k}/{key}": math.log(v) if loss_only else v for k, v in ppl.items()}})
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    if finished:  # the trainer's marker: the schedule (2 steps here) completed
+        (d / "finished.json").write_text(json.dumps({"step": 2, "total_steps": 2, "export_dir": None}))
     return d
 
 
@@ -237,3 +239,43 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         report.main([str(grid), "--out", str(tmp_path / "o")])
     summary = report.main([str(grid), "--by", "temperature", "--out", str(tmp_path / "o")])
     assert any(r["group"] == "t1 a=0.5 temperature=2.0" for r in summary["rows"]) and dup.is_dir()
+
+
+def _edit(path, **kv):
+    cfg = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**cfg, **kv}))
+
+
+def test_only_finished_runs_count_and_pairs_share_every_run_defining_key(tmp_path):
+    """Issue 20, items 4 and 5: a run stopped by max_steps before its schedule's end (no finished.json) is left out,
+    with a note, not read as the run's final numbers; a run from before the marker counts when metrics.jsonl reaches
+    the schedule's last step. A baseline pairs only when it shares every run-defining key but the distillation's own
+    (data, seq_len, global_batch_size, doc_mask, ...) and the evaluation (eval data, window): another one is named in
+    the notes with what differs."""
+    grid = make_grid(tmp_path)
+    for d in grid.iterdir():  # a schedule of 2 steps: 40960 tokens / (320 rows x 64)
+        _edit(d / "config.yaml", global_batch_size=320, seq_len=64)
+    (grid / "t1-a0.5-s44" / "finished.json").unlink()            # stopped by max_steps after step 1 of 2
+    (grid / "t1-a0.2-s44" / "finished.json").unlink()            # finished before the marker existed
+    with open(grid / "t1-a0.2-s44" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2, "loss/total": 5.0}) + "\n")
+    summary = report.main([str(grid), "--out", str(tmp_path / "rep")])
+    got, notes = rows_of(summary), " ".join(summary["notes"])
+    assert "t1-a0.5-s44: not finished (no finished.json; stopped at step 1 of 2): left out" in notes
+    assert "no finished.json (runs from before the marker), taken as finished because metrics.jsonl reaches the " \
+           f"schedule's last step: {grid / 't1-a0.2-s44'}" in notes
+    assert got[("token", TEACHER["t1"], 0.5, "heldout")]["seeds"] == "43"
+    assert got[("token", TEACHER["t1"], 0.2, "heldout")]["seeds"] == "43 44"
+    # seed 43's baseline trained on other data, with document masking off: nothing of seed 43 pairs with it
+    _edit(grid / "alpha0-s43" / "config.yaml", data="data/other", doc_mask=False)
+    summary = report.main([str(grid), "--out", str(tmp_path / "rep")])
+    got, notes = rows_of(summary), " ".join(summary["notes"])
+    assert got[("token", TEACHER["t2"], 0.2, "heldout")]["seeds"] == "44"
+    assert "the nearest, " + str(grid / "alpha0-s43") + ", differs in data, doc_mask" in notes
+    _edit(grid / "alpha0-s43" / "config.yaml", data=None, doc_mask=None)
+    # seed 44's baseline was evaluated with a longer window (its eval/final.json says so): not comparable
+    fj = grid / "alpha0-s44" / "eval" / "final.json"
+    fj.write_text(json.dumps({**json.loads(fj.read_text()), "window": 128}))
+    summary = report.main([str(grid), "--out", str(tmp_path / "rep")])
+    assert rows_of(summary)[("token", TEACHER["t2"], 0.2, "heldout")]["seeds"] == "43"
+    assert "differs in eval_window" in " ".join(summary["notes"])

@@ -18,6 +18,7 @@ def fake_run(root, name, losses):
     with open(d / "metrics.jsonl", "w") as f:
         f.write(json.dumps({"step": 1, "loss/total": 9.0}) + "\n")
         f.write(json.dumps({"step": 1, **{f"eval/{k}/loss": v for k, v in losses.items()}}) + "\n")
+    (d / "finished.json").write_text(json.dumps({"step": 1, "total_steps": 1}))  # the trainer's finished-run marker
 
 
 def test_paired_summary_matches_hand_computation(tmp_path):
@@ -40,7 +41,8 @@ def test_paired_summary_matches_hand_computation(tmp_path):
 def test_unfinished_runs_are_left_out(tmp_path):
     pts = sweep.points([("alpha", ["0", "0.5"])])
     fake_run(tmp_path, sweep.run_name("sw", pts[0], 1), {"heldout": 3.0})
-    os.makedirs(tmp_path / sweep.run_name("sw", pts[1], 1))  # started, no export yet
+    fake_run(tmp_path, sweep.run_name("sw", pts[1], 1), {"heldout": 2.0})
+    os.remove(tmp_path / sweep.run_name("sw", pts[1], 1) / "finished.json")  # stopped before its schedule's end
     out = sweep.summarize("sw", pts, [1], out_dir=str(tmp_path))
     assert out["points"]["alpha=0.5"] == {}
 

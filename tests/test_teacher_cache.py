@@ -22,6 +22,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from conftest import REPO, clean_env, make_teacher  # noqa: E402
+
+# The small data set's held-out split is empty (too few documents): runs here evaluate nothing, or resolve() refuses.
+NO_EVAL = ["eval_interval=-1", "callbacks=[]"]
 from data_prep import teacher_cache as gen  # noqa: E402
 from distillery.errors import ConfigError, DataError, DistilleryError  # noqa: E402
 from distillery.teacher_cache import CacheReader, record_dtype  # noqa: E402
@@ -228,7 +231,8 @@ def test_trainer_refuses_a_mismatched_cache(small, topk_cache, tmp_path, monkeyp
     from conftest import BASE
     with pytest.raises(DistilleryError, match="temperature") as e:
         train.resolve(train.parse_args(["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={small / 'data'}",
-                                        f"out_dir={tmp_path}", *BASE, "alpha=0.5", f"teacher_cache={topk_cache}"]))
+                                        f"out_dir={tmp_path}", *BASE, *NO_EVAL, "alpha=0.5",
+                                        f"teacher_cache={topk_cache}"]))
     assert "\n" not in str(e.value) and not os.listdir(tmp_path)
     # teacher= names a model that exists here but did not make the cache: refused, naming both
     other = tmp_path.parent / (tmp_path.name + "-other-teacher")
@@ -236,7 +240,7 @@ def test_trainer_refuses_a_mismatched_cache(small, topk_cache, tmp_path, monkeyp
     conf = json.load(open(small / "teacher" / "config.json"))
     json.dump({**conf, "num_hidden_layers": conf["num_hidden_layers"] + 1}, open(other / "config.json", "w"))
     argv = ["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={small / 'data'}", f"out_dir={tmp_path}", *BASE,
-            "alpha=0.5", "temperature=2", f"teacher_cache={topk_cache}"]
+            *NO_EVAL, "alpha=0.5", "temperature=2", f"teacher_cache={topk_cache}"]
     with pytest.raises(DistilleryError, match="whose config differs") as e:
         train.resolve(train.parse_args([*argv, f"teacher={other}"]))
     assert "\n" not in str(e.value) and not os.listdir(tmp_path)
@@ -259,3 +263,74 @@ def test_builder_refuses_a_kernel_that_attends_across_documents(small, tmp_path,
                                           r"\(teacher") as e:
         gen.main(args(small, out))
     assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_cache_knows_its_teacher_by_its_weights(small, topk_cache, tmp_path):
+    """Issue 20, item 1: the cache records its teacher's weights hash; teacher= naming a model of the same
+    architecture with other weights (the 0.7B/30B vs 0.7B/300B case) is refused before anything is written; with
+    the default teacher= (no claim) the run records the cache's own teacher, so config.yaml, the report and
+    compute_match name the model that made the targets."""
+    import train
+    from conftest import BASE
+    from distillery.models import weights_sha256
+    ix = json.load(open(topk_cache / "index.json"))
+    assert ix["teacher"]["weights_sha256"] == weights_sha256(str(small / "teacher"))
+    other = tmp_path / "other-teacher"
+    make_teacher(str(small / "data"), other, seed=1)     # same preset, same config.json, other weights
+    assert (other / "config.json").read_text() == (small / "teacher" / "config.json").read_text()
+    out = tmp_path / "runs"
+    argv = ["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={small / 'data'}", f"out_dir={out}", *BASE,
+            *NO_EVAL, "alpha=0.5", "temperature=2", f"teacher_cache={topk_cache}"]
+    with pytest.raises(DistilleryError, match="other weights") as e:
+        train.resolve(train.parse_args([*argv, f"teacher={other}"]))
+    assert "\n" not in str(e.value) and not out.exists()
+    assert train.resolve(train.parse_args([*argv, f"teacher={small / 'teacher'}"])).cfg.teacher == \
+        str(small / "teacher")
+    plan = train.resolve(train.parse_args(argv))  # the default teacher=
+    assert plan.cfg.teacher == ix["teacher"]["path"] == os.path.abspath(small / "teacher")
+
+
+def test_compute_match_against_a_cached_run_agrees_with_its_ledger(small, topk_cache, tmp_path):
+    """Issue 20, item 2: a cached run runs no teacher (compute/teacher_flops = 0) but is charged the forward its
+    cache spent on the rows it read (compute/teacher_cache_flops), so its run_flops equal an online run's on the same
+    tokens; a baseline with compute_match= that run gets the FLOPs its ledger logged (within half a step)."""
+    import train
+    from conftest import BASE, read_metrics, run_inprocess
+    from distillery import flops
+    steps, tokens_per_step = 3, 8 * 64
+    run_inprocess(str(small / "data"), tmp_path, "name=cached", f"teacher_cache={topk_cache}", "temperature=2",
+                  "alpha=0.5", f"train_tokens={steps * tokens_per_step}", "callbacks=[]", "eval_interval=-1",
+                  "export=false")
+    m, _ = read_metrics(tmp_path / "cached")
+    last = m[steps]
+    plan = train.resolve(train.parse_args(["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={small / 'data'}",
+                                           f"out_dir={tmp_path}", *BASE, *NO_EVAL, "name=base", "alpha=0",
+                                           f"compute_match={tmp_path / 'cached'}"]))
+    per_token = last["compute/student_flops"] / (steps * tokens_per_step)
+    assert plan.cfg.train_tokens > steps * tokens_per_step
+    assert abs(plan.cfg.train_tokens * per_token - last["compute/run_flops"]) <= 0.5 * per_token * tokens_per_step, \
+        (plan.cfg.train_tokens * per_token, last["compute/run_flops"])
+    teacher = flops.teacher_forward_flops(str(small / "teacher"), steps * tokens_per_step, 64)
+    assert last["compute/teacher_flops"] == 0 and last["compute/teacher_cache_flops"] == pytest.approx(teacher)
+    assert last["compute/run_flops"] == pytest.approx(last["compute/student_flops"] + teacher)
+
+
+def test_cache_mode_is_checked_before_anything_is_written(small, tmp_path):
+    """Issue 20, item 3: teacher_cache_mode=bogus stops the run when the config is read (it used to fail at the first
+    micro-step, after config.yaml was written, and the corrected rerun was then refused as a change of a
+    run-defining key), also with a sampled cache (where it used to be accepted and recorded); a top-k mode with a
+    sampled cache is refused in resolve()."""
+    import train
+    from conftest import BASE
+    sampled = tmp_path / "c-sampled"
+    gen.main(args(small, sampled, method="sampled", k=4))
+    out = tmp_path / "runs"
+    argv = ["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={small / 'data'}", f"out_dir={out}", *BASE,
+            "alpha=0.5", f"teacher_cache={sampled}", "callbacks=[]", "eval_interval=-1", "export=false"]
+    with pytest.raises(ConfigError, match="teacher_cache_mode='bogus': use renorm, tail or support") as e:
+        train.main([*argv, "teacher_cache_mode=bogus"])
+    assert "\n" not in str(e.value) and not out.exists()
+    with pytest.raises(ConfigError, match="teacher_cache_mode=tail is for top-k caches") as e:
+        train.resolve(train.parse_args([*argv, "teacher_cache_mode=tail"]))
+    assert "\n" not in str(e.value) and not out.exists()
+    assert train.main([*argv, "max_steps=1"]) == str(out / "default")  # the default mode trains from it

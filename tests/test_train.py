@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, clean_env, read_metrics, run_inprocess, run_launcher
+from conftest import BASE as BASE_ARGS, REPO, clean_env, read_metrics, run_inprocess, run_launcher
 from plugins import Callback, names, register
 
 
@@ -273,6 +273,25 @@ def test_resume_applies_a_changed_lr_and_records_it(data_dir, tmp_path):
                      "changes": {"max_steps": {"old": 3, "new": 2}, "lr": {"old": 3e-3, "new": 1e-3}}}]
 
 
+def test_only_a_completed_schedule_is_marked_finished(data_dir, tmp_path, capsys):
+    """Issue 20, item 4: a run stopped by max_steps before its schedule's end writes neither eval/final.json nor the
+    finished-run marker (and says so); the resume=auto rerun that completes the schedule writes both, the marker
+    last."""
+    from distillery import runlog
+    args = ["name=m", "alpha=0", f"train_tokens={3 * 8 * 64}", "callbacks=[eval_final]", "eval_interval=-1",
+            "export=false"]
+    run_inprocess(data_dir, tmp_path, *args, "max_steps=2")
+    run = tmp_path / "m"
+    assert not (run / "finished.json").exists() and not (run / "eval" / "final.json").exists()
+    assert "eval_final: skipped: the run stopped at step 2 of 3 (max_steps)" in capsys.readouterr().out
+    assert runlog.finished(str(run)) == (None, "no finished.json; stopped at step 2 of 3")
+    run_inprocess(data_dir, tmp_path, *args, "resume=auto")
+    marker = json.load(open(run / "finished.json"))
+    assert marker["step"] == marker["total_steps"] == 3 and json.load(open(run / "eval" / "final.json"))["step"] == 3
+    assert os.path.getmtime(run / "finished.json") >= os.path.getmtime(run / "eval" / "final.json")
+    assert runlog.finished(str(run)) == (3, "finished.json")
+
+
 def test_compute_ledger_and_compute_matched_baseline(kd_run, data_dir, teacher_dir, tmp_path):
     """The distilled run logs its FLOPs (student training + teacher forward, distillery/flops.py, checked against a
     hand count in tests/test_flops.py) and exports them; an alpha = 0 baseline with compute_match=<that run> trains
@@ -294,6 +313,14 @@ def test_compute_ledger_and_compute_matched_baseline(kd_run, data_dir, teacher_d
     # the micro teacher is the student's size: its forward adds a third, 10 steps -> 13 (6656 tokens)
     assert max(b) == 13 and abs(last["compute/total_flops"] - total) <= step
     assert last["compute/teacher_flops"] == 0
+    # issue 20, item 5: a compute-matched baseline shares every run-defining key but the teacher's and train_tokens,
+    # as the report pairs it (config.PAIR_KEYS); another weight decay or doc_mask is refused at start
+    import train
+    for other in ("weight_decay=0.05", "doc_mask=false"):
+        with pytest.raises(train.ConfigError, match=f"compute_match=.* trained {other.split('=')[0]}="):
+            train.resolve(train.parse_args(["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={data_dir}",
+                                            f"out_dir={tmp_path}", *BASE_ARGS, "name=cm2", "alpha=0", SEED,
+                                            f"compute_match={kd_run}", other]))
 
 
 def test_bf16_run_on_cpu_tracks_fp32(kd_run, data_dir, teacher_dir, tmp_path, capsys):
