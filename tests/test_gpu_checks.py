@@ -109,3 +109,14 @@ def test_cpu_twin_ends_within_five_minutes(tmp_path):
         if x["status"] == "ok":
             assert x["results"], f"{x['check']} printed no JSON line"
         assert (out / f"{x['check']}.json").is_file()
+
+
+def test_summary_reads_targets_and_anchor_ratios():
+    step = {"bench": "train_step", "distillery": {"tokens_per_s": 30000}, "distillery_lm": {"tokens_per_s": 36000},
+            "targets": {"measured": {"kd_tokens_per_s": 30000}, "meets": {"kd_tokens_per_s": False}}}
+    anchor = [{"matmul_bf16_tflops": 800}, {"variant": "lm_only@anchor", "tokens_per_s": 40000},
+              {"variant": "liger_kd@anchor", "tokens_per_s": 37500}]
+    t = gc.targets({"fast_step": {"results": [step]}, "fast_anchor": {"results": anchor}})
+    assert t["meets"] == {"kd_tokens_per_s": False}
+    assert t["distillery_vs_anchor_liger_kd"] == 0.8 and t["distillery_lm_vs_anchor_lm_only"] == 0.9
+    assert gc.targets({"fast_step": {"status": "timeout", "results": []}}) is None
