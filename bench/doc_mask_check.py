@@ -93,9 +93,10 @@ def main(argv=None):
     rec["seconds"] = round(time.time() - t, 1)
     print(json.dumps(rec))
     if not rec["ok"]:
-        raise SystemExit(f"error: document masking on {rec['attn']}: B in a packed row is {rec['max_diff_vs_alone']:.3g} "
-                         f"from B alone (float64 error packed {rec['max_err_packed_vs_float64']:.3g} vs alone "
-                         f"{rec['max_err_alone_vs_float64']:.3g}; unmasked control {rec['unmasked_control_max_diff']:.3g})")
+        raise SystemExit(f"error: document masking on {rec['attn']}: B in a packed row is "
+                         f"{rec['max_diff_vs_alone']:.3g} from B alone (float64 error packed "
+                         f"{rec['max_err_packed_vs_float64']:.3g} vs alone {rec['max_err_alone_vs_float64']:.3g}; "
+                         f"unmasked control {rec['unmasked_control_max_diff']:.3g})")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,16 @@ min_lr_frac. It shares only the data order (distillery.sampler, tested on its ow
 one Hugging Face directory). Rows are one causal sequence each (doc_mask=false on both sides).
 
 Bound: on CPU in fp32 the two differ only by summation order (ZeRO-3's flat buffers, the fused chunked head), so
-their losses agree to ~1e-5 relative for tens of steps; --rtol (default 1e-4 fp32, 2e-2 bf16) is checked at every
+their losses agree to ~1e-5 relative for tens of steps; --rtol (default 1e-4 fp32, 5e-3 bf16) is checked at every
 step. In bf16 the trainer keeps bf16 weights with fp32 master copies (DeepSpeed) and a bf16 residual stream, while
 the reference runs fp32 weights and norms under autocast (bf16 matmuls, fp32 elsewhere): the same update rule one
-rounding of the weights and activations apart (2^-8 relative), which the loss carries as noise of ~1e-3 per step
-and, as the two trajectories drift apart, up to ~1e-2 over tens to hundreds of steps, hence 2e-2. The GPU pair is
-small on purpose: 60 steps of two tiny models take seconds of GPU time (the issue: about 60 steps in under a
-minute), and a rounding or reduction bug shows at step 1 at any size; the paper's pair runs in the `paper` check.
+rounding of the weights and activations apart (2^-8 relative), noise that the loss carries and that grows as the
+two trajectories drift. Measured on CPU in bf16 with the GPU configuration (--bf16, tiny pair, 60 steps, 2-core box,
+docs/benchmarks.md): max relative difference 9.0e-5 (alpha 0.2) and 2.0e-4 (alpha 0). The bound, 5e-3, is 25x
+that: room for the GPU's other kernels. A bug whose effect on the loss stays under it in bf16 (a schedule one step
+off moves the loss by about one step's change, ~3e-3 relative here: it falls from 6.14 to 5.13 in 60 steps) is the
+fp32 CPU check's to find (bound 1e-4). The GPU pair is small on purpose: 60 steps of two tiny models take seconds
+of GPU time (the issue: about 60 steps in under a minute); the paper's pair runs in the `paper` check.
 Ends with one JSON line.
 """
 import argparse
@@ -143,10 +146,10 @@ def main(argv=None):
     d = dict(data="data/offline", student="tiny-student", teacher="tiny-teacher", steps=40, micro_batch=8,
              global_batch=16, lr=2e-3, rtol=1e-4) if not gpu else \
         dict(data="data/offline", student="tiny-student", teacher="tiny-teacher", steps=60, micro_batch=8,
-             global_batch=16, lr=2e-3, rtol=2e-2)
+             global_batch=16, lr=2e-3, rtol=5e-3)
     bf16 = gpu or a.bf16
     if bf16 and not gpu:
-        d["rtol"] = 2e-2
+        d["rtol"] = 5e-3
     for k, v in d.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
