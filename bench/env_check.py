@@ -4,8 +4,10 @@ everything the trainer imports, the attention kernel it picks, and the measured 
     python bench/env_check.py --gpu     # CUDA: bf16 8192^3 matmuls (~2 s)
     python bench/env_check.py           # CPU: fp32 1024^3 matmuls
 
-Versions are read after importing train.py (and with it DeepSpeed, transformers, the plugins), liger_kernel and
-flash_attn when present: every top-level package then in sys.modules that has a __version__. Ends with one JSON line.
+Versions are read after importing train.py (and with it DeepSpeed and the plugins), transformers, tokenizers,
+safetensors, tensorboard, triton, and liger_kernel, flash_attn, datasets, accelerate when present: every
+top-level package then in sys.modules that has a __version__, outside the standard library; "not_importable" lists
+those of the named ones that failed to import, with the error. Ends with one JSON line.
 """
 import argparse
 import importlib
@@ -15,6 +17,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,12 +34,14 @@ def nvidia_smi():
 
 
 def versions():
-    """{package: version} of every imported top-level package that declares one."""
+    """{package: version} of every imported top-level package that declares one (the standard library's aside)."""
     out = {}
     for name, mod in sorted(sys.modules.items()):
-        if "." in name or name.startswith("_"):
+        if "." in name or name.startswith("_") or name in sys.stdlib_module_names:
             continue
-        v = getattr(mod, "__version__", None)
+        with warnings.catch_warnings():  # some packages deprecate __version__ (MarkupSafe): still the version
+            warnings.simplefilter("ignore")
+            v = getattr(mod, "__version__", None)
         if isinstance(v, str):
             out[name] = v
     return out
@@ -52,7 +57,9 @@ def main(argv=None):
         raise SystemExit("error: --gpu but CUDA is not available (torch " + torch.__version__ + "); drop --gpu")
     import train  # noqa: F401  (DeepSpeed, transformers, the plugins: what a run imports)
     missing = {}
-    for opt in ("liger_kernel", "flash_attn", "datasets", "accelerate"):
+    # imported lazily by the trainer (transformers, tokenizers, ...) or optional (the rest)
+    for opt in ("transformers", "tokenizers", "safetensors", "tensorboard", "triton", "liger_kernel", "flash_attn",
+                "datasets", "accelerate"):
         try:
             importlib.import_module(opt)
         except Exception as e:  # absent, or present and broken: both worth a line
