@@ -79,7 +79,7 @@ class Check:
 # GPU budgets are first estimates, not measurements (no GPU has run this table yet): a process importing torch,
 # DeepSpeed and transformers, ~5 s; three of them per launcher run; compiling flex attention on first use; 10-13
 # timed steps at ~0.1-1 s. The CPU budgets share 295 s by what each check cost on the 2-core dev box, where the whole
-# twin used ~1 min of CPU; under a heavy load the last ones are skipped for time (docs/benchmarks.md).
+# twin uses ~2 min of CPU; under a heavy load the last ones are skipped for time (docs/benchmarks.md).
 CHECKS = (
     # 1. environment
     Check("install", "env", 18, None, "{py} -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "
