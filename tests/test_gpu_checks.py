@@ -120,3 +120,31 @@ def test_summary_reads_targets_and_anchor_ratios():
     assert t["meets"] == {"kd_tokens_per_s": False}
     assert t["distillery_vs_anchor_liger_kd"] == 0.8 and t["distillery_lm_vs_anchor_lm_only"] == 0.9
     assert gc.targets({"fast_step": {"status": "timeout", "results": []}}) is None
+
+
+def test_a_call_cut_short_records_the_running_check(tmp_path):
+    """SIGTERM to the driver (the device call ran out): the running check is killed and gets an "interrupted" line
+    with what it printed, then the summary; the finished check's line is already on disk."""
+    out = tmp_path / "out"
+    (tmp_path / "sleeper.py").write_text('import time\nprint(\'{"up": 1}\', flush=True)\ntime.sleep(60)\n')
+    (tmp_path / "driver.py").write_text(f"""
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("gc", {str(REPO / "bench" / "gpu_checks.py")!r})
+gc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gc)
+checks = [gc.Check("a", "env", 5, 5, "{{py}} -c pass"), gc.Check("b", "runs", 50, 50, "{{py}} {tmp_path / 'sleeper.py'}")]
+gc.Runner(checks, "cpu", {str(out)!r}, time.time(), 200, dict(py=sys.executable), gc.child_env("cpu", [])).run()
+""")
+    p = subprocess.Popen([sys.executable, str(tmp_path / "driver.py")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 60
+    while not (out / "b.log").exists() or "up" not in (out / "b.log").read_text():
+        assert time.time() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.2)
+    p.terminate()
+    stdout, stderr = p.communicate(timeout=30)
+    assert p.returncode == 128 + 15, stderr
+    lines = [json.loads(x) for x in stdout.splitlines()]
+    assert [(x["check"], x.get("status")) for x in lines] == [("a", "ok"), ("b", "interrupted"), ("summary", None)]
+    assert lines[1]["results"] == [{"up": 1}] and lines[2]["statuses"] == {"a": "ok", "b": "interrupted"}
+    assert json.loads((out / "a.json").read_text())["status"] == "ok"
