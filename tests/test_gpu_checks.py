@@ -132,7 +132,8 @@ import importlib.util, sys, time
 spec = importlib.util.spec_from_file_location("gc", {str(REPO / "bench" / "gpu_checks.py")!r})
 gc = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gc)
-checks = [gc.Check("a", "env", 5, 5, "{{py}} -c pass"), gc.Check("b", "runs", 50, 50, "{{py}} {tmp_path / 'sleeper.py'}")]
+checks = [gc.Check("a", "env", 5, 5, "{{py}} -c pass"),
+          gc.Check("b", "runs", 50, 50, "{{py}} {tmp_path / 'sleeper.py'}")]
 gc.Runner(checks, "cpu", {str(out)!r}, time.time(), 200, dict(py=sys.executable), gc.child_env("cpu", [])).run()
 """)
     p = subprocess.Popen([sys.executable, str(tmp_path / "driver.py")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
