@@ -7,6 +7,8 @@
                                                # presets), seq 8192, micro-batch 1, activation checkpointing on;
                                                # the trainer's variants only (tokens/s, peak memory)
     python bench/train_step.py --paper         # its CPU twin: the same code path at tiny shapes, checkpointing on
+    python bench/train_step.py --gpu --variants distillery_lm,distillery --peak_tflops 800
+                                               # a subset (bench/gpu_checks.py's fast_step); a given matmul peak
 
 Variants (each measured on the same random batches, after warm-up, median step time):
   naive       plain torch: student forward with autocast, teacher forward under no_grad, full fp32 [tokens x vocab]
@@ -14,13 +16,21 @@ Variants (each measured on the same random batches, after warm-up, median step t
   distillery  the trainer's path: engines from distillery.engines (ZeRO-3 StudentWithLoss + fused KD head, AdamW with
               the trainer's parameter groups and LR schedule, clip 1.0; a ZeRO-3 inference teacher) and the trainer's
               own micro-step (distillery/step.py: teacher forward, gathered head, loss, backward, step), one rank.
-  distillery_doc_mask  the same with document masking (doc_mask=true, the trainer's default): restarting positions
-              to student and teacher, so transformers builds a block-diagonal mask (rows hold ~DOC_LEN-token
-              documents here). doc_mask_step_time_ratio = its step time / distillery's.
+  distillery_lm  the same student engine (same ZeRO-3 config, optimizer, fused head) with alpha = 0 and no teacher:
+              the LM-only step of the same engine. kd_over_lm_step_time = distillery's step time / this one's
+              (issue 18's target: at most 1.12 on the GPU).
+  distillery_doc_mask  the same as distillery with document masking (doc_mask=true, the trainer's default):
+              restarting positions to student and teacher, so transformers masks per document, on the kernel the
+              trainer picks (distillery.models.attn_implementation("auto", True): flash-attn 2 if installed, else
+              flex attention on a GPU, SDPA on CPU); rows hold ~DOC_LEN-token documents here.
+              doc_mask_step_time_ratio = its step time / distillery's. Every other variant uses SDPA, as the anchor.
 Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU, peak RSS of a fresh child process per variant.
-Ends with one JSON line: tokens/s, step ms, peak memory per variant, the distillery / naive ratios and the doc_mask
-ratio. The anchor's
-DeepSpeed ZeRO-3 + naive KD row (peers_and_pitfalls.md) was 19,864 tok/s and 64.7 GiB on an H100.
+MFU: tokens/s x model FLOPs per token (student 6N + teacher 2N + attention, distillery/flops.py; LM-only: the
+student alone) / the measured matmul peak (bf16 8192^3 on GPU; --peak_tflops gives one measured elsewhere).
+Ends with one JSON line: tokens/s, step ms, peak memory, MFU per variant, the ratios of the variants that ran, and
+on the GPU the issue's targets beside them. A variant that fails is recorded with its error and the bench exits 1
+after the others ran. The anchor's DeepSpeed ZeRO-3 + naive KD row (peers_and_pitfalls.md) was 19,864 tok/s and
+64.7 GiB on an H100.
 """
 import argparse
 import json
@@ -51,16 +61,18 @@ def shapes(gpu, paper=False):
                 teacher=dict(hidden=96, layers=2, heads=4, kv=2, ffn=256, tie=False))
 
 
-def hf_cfg(s, p):
+def hf_cfg(s, p, attn="sdpa"):
     from transformers import LlamaConfig
     return LlamaConfig(vocab_size=s["vocab"], hidden_size=p["hidden"], num_hidden_layers=p["layers"],
                        num_attention_heads=p["heads"], num_key_value_heads=p["kv"], intermediate_size=p["ffn"],
                        head_dim=p.get("head_dim", p["hidden"] // p["heads"]), max_position_embeddings=max(s["seq"], 128),
                        tie_word_embeddings=p["tie"], rope_parameters={"rope_type": "default", "rope_theta": 5e5},
-                       use_cache=False, attn_implementation="sdpa")
+                       use_cache=False, attn_implementation=attn)
 
 
-VARIANTS = ("naive", "fused_torch", "distillery_zero0", "distillery", "distillery_doc_mask")
+VARIANTS = ("naive", "fused_torch", "distillery_zero0", "distillery", "distillery_lm", "distillery_doc_mask")
+PAPER_VARIANTS = ("distillery", "distillery_doc_mask")
+TARGETS = {"kd_tokens_per_s": 40000, "kd_mfu": 0.45, "kd_peak_gib": 32.0, "kd_over_lm": 1.12}  # issue 18, GPU
 EOS, DOC_LEN = 0, 64  # documents of ~64 tokens: two per CPU row, so the doc_mask variant really masks
 
 
@@ -148,36 +160,40 @@ def run_fused_torch(s, dev):
     return step
 
 
-def run_distillery(s, dev, doc_mask=False, zero_stage=3):
+def run_distillery(s, dev, doc_mask=False, zero_stage=3, lm_only=False):
     """The trainer's own pieces: engines from distillery.engines (param groups, AdamW, LR schedule, clipping from the
     Config), the Objective, and distillery.step.micro_step, the function train.py calls for every micro-batch.
-    doc_mask: document positions (distillery/packing.py) to student and teacher, as train.py does by default."""
+    doc_mask: document positions (distillery/packing.py) to student and teacher, as train.py does by default, on the
+    attention kernel train.py picks. lm_only: alpha = 0, no teacher built, as train.py runs a baseline."""
     import torch
     from transformers import AutoModelForCausalLM
     from distillery.config import Config
     from distillery.engines import init_student, init_teacher, student_ds_config, teacher_ds_config
     from distillery.loss_parts import shift_targets
-    from distillery.models import zero3_context
+    from distillery.models import attn_implementation, zero3_context
     from distillery.objective import Objective
     from distillery.packing import doc_positions
     from distillery.step import micro_step
-    cfg = Config(micro_batch_size=s["mb"], global_batch_size=s["mb"], lr=1e-4, alpha=ALPHA, loss_impl="fused",
-                 train_tokens=10 ** 9, seq_len=s["seq"])
+    cfg = Config(micro_batch_size=s["mb"], global_batch_size=s["mb"], lr=1e-4, alpha=0.0 if lm_only else ALPHA,
+                 loss_impl="fused", train_tokens=10 ** 9, seq_len=s["seq"])
+    attn = attn_implementation("auto", True) if doc_mask else "sdpa"
     ds_base = {"zero_optimization": {"stage": zero_stage}, **({"bf16": {"enabled": True}} if dev == "cuda" else {})}
     ds_teacher, ds_student = teacher_ds_config(ds_base, cfg), student_ds_config(ds_base, cfg, world=1)
     if zero_stage == 0:  # the same engines with nothing partitioned: isolates what ZeRO-3's hooks cost
         ds_teacher = dict(ds_teacher, zero_optimization={"stage": 0})
     torch.manual_seed(0)
-    with zero3_context(ds_teacher):
-        te = AutoModelForCausalLM.from_config(hf_cfg(s, s["teacher"]))
-    teacher = init_teacher(te, ds_teacher)
+    teacher = None
+    if not lm_only:
+        with zero3_context(ds_teacher):
+            te = AutoModelForCausalLM.from_config(hf_cfg(s, s["teacher"], attn))
+        teacher = init_teacher(te, ds_teacher)
     with zero3_context(ds_student):
-        st = AutoModelForCausalLM.from_config(hf_cfg(s, s["student"]))
+        st = AutoModelForCausalLM.from_config(hf_cfg(s, s["student"], attn))
     if s.get("grad_ckpt"):  # as distillery/models.py does for grad_ckpt=true
         st.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = init_student(st, cfg, ds_student, total_steps=1000)
     objective = Objective.from_config(cfg, total_steps=1000)
-    loss_kw = dict(objective.loss_kw(), kd_vocab=s["vocab"])
+    loss_kw = objective.loss_kw(with_teacher=False) if lm_only else dict(objective.loss_kw(), kd_vocab=s["vocab"])
     _, w_ce, w_kd = objective.weights(0)
     n = s["mb"] * (s["seq"] - 1)
 
@@ -186,6 +202,7 @@ def run_distillery(s, dev, doc_mask=False, zero_stage=3):
         pos = doc_positions(x, EOS) if doc_mask else None
         parts = micro_step(engine, teacher, x, shift_targets(x), loss_kw, w_ce / n, w_kd / n, positions=pos)
         return parts["loss"]
+    step.attn = attn
     return step
 
 
@@ -201,9 +218,9 @@ def measure(variant, gpu, paper=False):
         step = run_fused_torch(s, dev)
     else:
         step = run_distillery(s, dev, doc_mask=variant == "distillery_doc_mask",
-                              zero_stage=0 if variant == "distillery_zero0" else 3)
+                              zero_stage=0 if variant == "distillery_zero0" else 3, lm_only=variant == "distillery_lm")
     bs = [b.to(dev) for b in batches(s)]
-    return dict(variant=variant, **time_steps(lambda i: step(bs[i % 4]), s, gpu))
+    return dict(variant=variant, attn=getattr(step, "attn", "sdpa"), **time_steps(lambda i: step(bs[i % 4]), s, gpu))
 
 
 def time_steps(step, s, gpu):
@@ -249,63 +266,111 @@ def matmul_peak(gpu):
 
 
 def add_mfu(res, s, peak):
-    """MFU of each variant: tokens/s x (student 6N + teacher 2N + attention, distillery/flops.py) / measured peak."""
+    """MFU of each variant: tokens/s x (student 6N + teacher 2N + attention, distillery/flops.py; LM-only: the student
+    alone) / measured peak."""
     from distillery import flops
-    per_token = (flops.train_flops_per_token(hf_cfg(s, s["student"]), s["seq"])
-                 + flops.forward_flops_per_token(hf_cfg(s, s["teacher"]), s["seq"]))
-    for r in res.values():
-        r["mfu"] = round(r["tokens_per_s"] * per_token / peak, 3)
+    student = flops.train_flops_per_token(hf_cfg(s, s["student"]), s["seq"])
+    per_token = student + flops.forward_flops_per_token(hf_cfg(s, s["teacher"]), s["seq"])
+    for v, r in res.items():
+        if "tokens_per_s" in r:
+            r["mfu"] = round(r["tokens_per_s"] * (student if v == "distillery_lm" else per_token) / peak, 3)
     return per_token
 
 
-def run_variants(script, variants, gpu, extra=()):
+def run_variants(script, variants, gpu, extra=(), keep_going=False):
     """Each variant in a fresh child process of `script` (`--child NAME`): clean peak memory, no DeepSpeed state
-    shared between variants. Prints one line per variant; returns {variant: its measure() dict}."""
+    shared between variants. Prints one line per variant; returns {variant: its measure() dict}. A variant that
+    fails stops the bench, or with keep_going is recorded as {"variant", "error": the tail of its output} while
+    the others still run."""
     res = {}
     for v in variants:
         cmd = [sys.executable, os.path.abspath(script), "--child", v] + (["--gpu"] if gpu else []) + list(extra)
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
-            raise SystemExit(f"{v} failed:\n{p.stderr[-3000:]}")
+            if not keep_going:
+                raise SystemExit(f"{v} failed:\n{p.stderr[-3000:]}")
+            res[v] = {"variant": v, "error": (p.stdout + p.stderr)[-1500:]}
+            print(f"{v} failed (exit {p.returncode}):\n{p.stderr[-3000:]}", flush=True)
+            continue
         res[v] = json.loads(p.stdout.strip().splitlines()[-1])
         print(f"{v:<20} {res[v]['step_ms']:>10.1f} ms/step {res[v]['tokens_per_s']:>10,} tok/s "
               f"peak {res[v]['peak_gib']:.2f} GiB{' (RSS)' if not gpu else ''}", flush=True)
     return res
 
 
+def ratio(res, a, b, key, inverse=False):
+    """res[a][key] / res[b][key] (b / a when inverse), rounded; None unless both variants ran."""
+    if "error" in res.get(a, {"error": 1}) or "error" in res.get(b, {"error": 1}):
+        return None
+    x, y = res[a][key], res[b][key]
+    return round(y / x if inverse else x / y, 3)
+
+
+def targets(res, gpu):
+    """Issue 18's targets for the KD step beside what it measured (the GPU's; on CPU they are shown, not judged)."""
+    kd = res.get("distillery", {})
+    if "tokens_per_s" not in kd:
+        return None
+    got = {"kd_tokens_per_s": kd["tokens_per_s"], "kd_mfu": kd.get("mfu"), "kd_peak_gib": kd["peak_gib"],
+           "kd_over_lm": ratio(res, "distillery", "distillery_lm", "step_ms")}
+    meets = {k: None if v is None or not gpu else (v <= TARGETS[k] if k in ("kd_peak_gib", "kd_over_lm")
+                                                    else v >= TARGETS[k]) for k, v in got.items()}
+    return {"measured": got, "target": TARGETS, "meets": meets}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--paper", action="store_true", help="the study's pair at seq 8192 (see above)")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of " + ", ".join(VARIANTS) +
+                    " (default: all; with --paper: " + ", ".join(PAPER_VARIANTS) + ")")
+    ap.add_argument("--peak_tflops", type=float, default=0.0, help="matmul peak measured elsewhere (0: measure here)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(measure(a.child, a.gpu, a.paper)))
         return
+    variants = a.variants.split(",") if a.variants else list(PAPER_VARIANTS if a.paper else VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    if a.gpu:
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --gpu but CUDA is not available; drop --gpu for the CPU shapes")
+    res = run_variants(__file__, variants, a.gpu, ["--paper"] if a.paper else [], keep_going=True)
+    s = shapes(a.gpu, a.paper)
+    peak = a.peak_tflops * 1e12 or matmul_peak(a.gpu)
+    add_mfu(res, s, peak)
+    rec = {"bench": "train_step_paper" if a.paper else "train_step", "device": device_name(a.gpu), **s,
+           "doc_len": DOC_LEN, **res, "matmul_peak_tflops": round(peak / 1e12, 2),
+           "peak_source": "given" if a.peak_tflops else "measured here"}
     if a.paper:
-        res = run_variants(__file__, ("distillery", "distillery_doc_mask"), a.gpu, ["--paper"])
-        s, d = shapes(a.gpu, True), res["distillery"]
-        peak = matmul_peak(a.gpu)
-        add_mfu(res, s, peak)
         # issue 14 item 4: the study's 50B tokens on 64 such GPUs at this rate, teacher included (no comm modelled:
         # docs/scaling.md says what ZeRO-3 adds across nodes)
-        print(json.dumps({"bench": "train_step_paper", "device": "cuda" if a.gpu else "cpu", **s, **res,
-                          "matmul_peak_tflops": round(peak / 1e12, 2),
-                          "hours_50b_on_64": round(50e9 / (64 * d["tokens_per_s"]) / 3600, 2)}))
-        return
-    res = run_variants(__file__, VARIANTS, a.gpu)
-    peak = matmul_peak(a.gpu)
-    add_mfu(res, shapes(a.gpu), peak)
-    n, d, m = res["naive"], res["distillery"], res["distillery_doc_mask"]
-    print(json.dumps({"bench": "train_step", "device": "cuda" if a.gpu else "cpu", **shapes(a.gpu),
-                      "doc_len": DOC_LEN, **res, "matmul_peak_tflops": round(peak / 1e12, 2),
-                      "tokens_per_s_ratio": round(d["tokens_per_s"] / n["tokens_per_s"], 3),
-                      # the decomposition of the gap: our micro-step + fused head without DeepSpeed, then DeepSpeed's
-                      # engine with nothing partitioned, then ZeRO-3 (each vs the naive loop's tokens/s)
-                      "fused_torch_ratio": round(res["fused_torch"]["tokens_per_s"] / n["tokens_per_s"], 3),
-                      "zero0_ratio": round(res["distillery_zero0"]["tokens_per_s"] / n["tokens_per_s"], 3),
-                      "peak_mem_ratio": round(d["peak_gib"] / n["peak_gib"], 3),
-                      "doc_mask_step_time_ratio": round(m["step_ms"] / d["step_ms"], 3)}))
+        for r in res.values():
+            if "tokens_per_s" in r:
+                r["hours_50b_on_64"] = round(50e9 / (64 * r["tokens_per_s"]) / 3600, 2)
+    else:
+        rec.update({
+            "tokens_per_s_ratio": ratio(res, "distillery", "naive", "tokens_per_s"),
+            # the decomposition of the gap: our micro-step + fused head without DeepSpeed, then DeepSpeed's engine
+            # with nothing partitioned, then ZeRO-3 (each vs the naive loop's tokens/s)
+            "fused_torch_ratio": ratio(res, "fused_torch", "naive", "tokens_per_s"),
+            "zero0_ratio": ratio(res, "distillery_zero0", "naive", "tokens_per_s"),
+            "peak_mem_ratio": ratio(res, "distillery", "naive", "peak_gib"),
+            "doc_mask_step_time_ratio": ratio(res, "distillery_doc_mask", "distillery", "step_ms"),
+            "kd_over_lm_step_time": ratio(res, "distillery", "distillery_lm", "step_ms"),
+            "targets": targets(res, a.gpu)})
+    print(json.dumps(rec))
+    failed = [v for v, r in res.items() if "error" in r]
+    if failed:
+        raise SystemExit(f"error: variant(s) {', '.join(failed)} failed (their output is in the JSON line)")
+
+
+def device_name(gpu):
+    import torch
+    return torch.cuda.get_device_name() if gpu else "cpu"
 
 
 if __name__ == "__main__":
