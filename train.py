@@ -10,7 +10,8 @@
 
 Objective (Lu & Liu 2026, eq. 1; paper_setup.md): L = w_ce(alpha) * CE + w_kd(alpha) * T^2 * D(p_t^T || p_s^T), both
 terms token means over every target position of the global batch (all micro-batches, all ranks). The student is
-a ZeRO engine; the frozen teacher is a ZeRO-3 inference engine in the same process; alpha = 0 loads no teacher.
+a ZeRO engine; the frozen teacher, in the same process, is replicated or a ZeRO-3 inference engine (teacher_placement,
+distillery/placement.py); alpha = 0 loads no teacher.
 
 Reading order: resolve() checks every input and returns a Plan; main() builds the engines, the data reader and the
 callbacks' Context into a Run; train() is the loop; finish() exports. docs/architecture.md has the map.

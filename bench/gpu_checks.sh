@@ -6,7 +6,8 @@
 #   bash bench/gpu_checks.sh --cpu [--part P]                     # the CPU twin: the same scripts without --gpu
 # Parts, in issue 14's order, each under ten minutes: runs (the GPU tests, the fused head in bf16), right (train.py vs
 # a plain-torch loop, 200 steps, alpha 0.2 and 0), fast (the anchor, the trainer's step vs naive KD, MFU against the
-# measured matmul peak), paper (the study's 1.7B / 0.7B pair at seq 8192, checkpointing on); all = every one.
+# measured matmul peak, the step per teacher placement), paper (the study's 1.7B / 0.7B pair at seq 8192,
+# checkpointing on); all = every one.
 # Record the JSON lines in docs/benchmarks.md with the device name.
 set -uo pipefail
 mode=gpu part=all
@@ -50,6 +51,8 @@ if want fast; then
   if [ "$mode" = gpu ] && [ -n "${1:-}" ] && [ -f "$1" ]; then timeout 150 "$PY" "$1" 2>&1 | tee "$out/anchor.txt"; fi
   # one trainer step (ZeRO-3 student + ZeRO-3 teacher, fused head) vs naive KD at the anchor's shapes
   timeout 150 "$PY" bench/train_step.py $flag 2>&1 | tee "$out/train_step.txt"
+  # the same step with the teacher partitioned, replicated and offloaded (issue 22, distillery/placement.py)
+  timeout 150 "$PY" bench/train_step.py $flag --placements 2>&1 | tee "$out/train_step_placement.txt"
 fi
 if want paper; then
   # the study's pair on one GPU: tokens/s, peak memory, MFU, hours for 50B tokens on 64 GPUs at this rate

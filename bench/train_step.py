@@ -7,6 +7,8 @@
                                                # presets), seq 8192, micro-batch 1, activation checkpointing on;
                                                # the trainer's variants only (tokens/s, peak memory)
     python bench/train_step.py --paper         # its CPU twin: the same code path at tiny shapes, checkpointing on
+    python bench/train_step.py [--gpu] --placements  # issue 22: the trainer's step with the teacher partitioned
+                                               # (ZeRO-3, the distillery variant), replicated and offloaded
 
 Variants (each measured on the same random batches, after warm-up, median step time):
   naive       plain torch: student forward with autocast, teacher forward under no_grad, full fp32 [tokens x vocab]
@@ -17,6 +19,9 @@ Variants (each measured on the same random batches, after warm-up, median step t
   distillery_doc_mask  the same with document masking (doc_mask=true, the trainer's default): restarting positions
               to student and teacher, so transformers builds a block-diagonal mask (rows hold ~DOC_LEN-token
               documents here). doc_mask_step_time_ratio = its step time / distillery's.
+  distillery_replicated, distillery_offload (--placements)  the distillery variant with the teacher replicated (no
+              ZeRO hooks, distillery.placement.ReplicatedTeacher) or ZeRO-3 offloaded to CPU memory, instead of
+              partitioned (distillery/placement.py); *_step_time_ratio = its step time / distillery's.
 Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU, peak RSS of a fresh child process per variant.
 Ends with one JSON line: tokens/s, step ms, peak memory per variant, the distillery / naive ratios and the doc_mask
 ratio. The anchor's
@@ -61,6 +66,7 @@ def hf_cfg(s, p):
 
 
 VARIANTS = ("naive", "fused_torch", "distillery_zero0", "distillery", "distillery_doc_mask")
+PLACED = ("distillery", "distillery_replicated", "distillery_offload")  # --placements: the teacher's placements
 EOS, DOC_LEN = 0, 64  # documents of ~64 tokens: two per CPU row, so the doc_mask variant really masks
 
 
@@ -148,10 +154,12 @@ def run_fused_torch(s, dev):
     return step
 
 
-def run_distillery(s, dev, doc_mask=False, zero_stage=3):
+def run_distillery(s, dev, doc_mask=False, zero_stage=3, placement="partitioned"):
     """The trainer's own pieces: engines from distillery.engines (param groups, AdamW, LR schedule, clipping from the
     Config), the Objective, and distillery.step.micro_step, the function train.py calls for every micro-batch.
-    doc_mask: document positions (distillery/packing.py) to student and teacher, as train.py does by default."""
+    doc_mask: document positions (distillery/packing.py) to student and teacher, as train.py does by default.
+    placement: the teacher's (distillery/placement.py): partitioned / offload build the trainer's ZeRO-3 inference
+    engine, replicated its ReplicatedTeacher around the same model in the run's dtype (built in memory, not loaded)."""
     import torch
     from transformers import AutoModelForCausalLM
     from distillery.config import Config
@@ -161,16 +169,21 @@ def run_distillery(s, dev, doc_mask=False, zero_stage=3):
     from distillery.objective import Objective
     from distillery.packing import doc_positions
     from distillery.step import micro_step
+    from distillery.placement import ReplicatedTeacher
     cfg = Config(micro_batch_size=s["mb"], global_batch_size=s["mb"], lr=1e-4, alpha=ALPHA, loss_impl="fused",
-                 train_tokens=10 ** 9, seq_len=s["seq"])
+                 train_tokens=10 ** 9, seq_len=s["seq"], teacher_placement=placement)
     ds_base = {"zero_optimization": {"stage": zero_stage}, **({"bf16": {"enabled": True}} if dev == "cuda" else {})}
     ds_teacher, ds_student = teacher_ds_config(ds_base, cfg), student_ds_config(ds_base, cfg, world=1)
     if zero_stage == 0:  # the same engines with nothing partitioned: isolates what ZeRO-3's hooks cost
         ds_teacher = dict(ds_teacher, zero_optimization={"stage": 0})
     torch.manual_seed(0)
-    with zero3_context(ds_teacher):
+    if placement == "replicated":
         te = AutoModelForCausalLM.from_config(hf_cfg(s, s["teacher"]))
-    teacher = init_teacher(te, ds_teacher)
+        teacher = ReplicatedTeacher(te.to(torch.bfloat16 if dev == "cuda" else torch.float32), dev)
+    else:
+        with zero3_context(ds_teacher):
+            te = AutoModelForCausalLM.from_config(hf_cfg(s, s["teacher"]))
+        teacher = init_teacher(te, ds_teacher)
     with zero3_context(ds_student):
         st = AutoModelForCausalLM.from_config(hf_cfg(s, s["student"]))
     if s.get("grad_ckpt"):  # as distillery/models.py does for grad_ckpt=true
@@ -201,7 +214,9 @@ def measure(variant, gpu, paper=False):
         step = run_fused_torch(s, dev)
     else:
         step = run_distillery(s, dev, doc_mask=variant == "distillery_doc_mask",
-                              zero_stage=0 if variant == "distillery_zero0" else 3)
+                              zero_stage=0 if variant == "distillery_zero0" else 3,
+                              placement={"distillery_replicated": "replicated",
+                                         "distillery_offload": "offload"}.get(variant, "partitioned"))
     bs = [b.to(dev) for b in batches(s)]
     return dict(variant=variant, **time_steps(lambda i: step(bs[i % 4]), s, gpu))
 
@@ -277,10 +292,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--paper", action="store_true", help="the study's pair at seq 8192 (see above)")
+    ap.add_argument("--placements", action="store_true", help="the trainer's step with each teacher placement")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(measure(a.child, a.gpu, a.paper)))
+        return
+    if a.placements:  # issue 22: partitioned (the distillery variant), replicated, offload; one rank
+        res = run_variants(__file__, PLACED, a.gpu)
+        d = res["distillery"]
+        print(json.dumps({"bench": "train_step_placement", "device": "cuda" if a.gpu else "cpu", **shapes(a.gpu),
+                          **{v.replace("distillery_", "") if v != "distillery" else "partitioned": r
+                             for v, r in res.items()},
+                          "replicated_step_time_ratio": round(res["distillery_replicated"]["step_ms"] / d["step_ms"],
+                                                              3),
+                          "offload_step_time_ratio": round(res["distillery_offload"]["step_ms"] / d["step_ms"], 3)}))
         return
     if a.paper:
         res = run_variants(__file__, ("distillery", "distillery_doc_mask"), a.gpu, ["--paper"])

@@ -111,6 +111,12 @@ def test_kill_and_rerun_is_byte_identical(small, topk_cache):
         gen.main(args(small, out, "--temperature", "2", k=4))
 
 
+def test_old_offload_flag_is_refused_with_the_new_spelling(small, tmp_path):
+    with pytest.raises(ConfigError, match="^--teacher_offload was replaced by --teacher_placement offload$"):
+        gen.main(args(small, tmp_path / "new", "--teacher_offload"))
+    assert not (tmp_path / "new").exists()                                # refused before anything is written
+
+
 def _one_line(excinfo):
     msg = str(excinfo.value)
     assert "\n" not in msg and len(msg) < 400, msg
