@@ -1,6 +1,6 @@
 """Bytes each teacher placement moves and memory it holds, on 2 CPU ranks (gloo), beside distillery/zero_cost.py.
 
-    python bench/teacher_placement.py              # replicated, partitioned, offload; ~6 min on 2 busy cores
+    python bench/teacher_placement.py              # replicated, partitioned, offload; ~9 min on 2 busy cores
 
 Per placement, a fresh pair of ranks (the deepspeed launcher) builds the trainer's teacher (distillery.placement.
 build_teacher, fp32 on CPU) and ZeRO-3 student (distillery.engines.init_student) and runs the trainer's own micro-step

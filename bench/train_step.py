@@ -21,7 +21,8 @@ Variants (each measured on the same random batches, after warm-up, median step t
               documents here). doc_mask_step_time_ratio = its step time / distillery's.
   distillery_replicated, distillery_offload (--placements)  the distillery variant with the teacher replicated (no
               ZeRO hooks, distillery.placement.ReplicatedTeacher) or ZeRO-3 offloaded to CPU memory, instead of
-              partitioned (distillery/placement.py); *_step_time_ratio = its step time / distillery's.
+              partitioned (distillery/placement.py); *_step_time_ratio = its step time / distillery's. Timing only:
+              the replicated teacher is initialised outside ZeRO-3, so its random weights (and loss) differ.
 Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU, peak RSS of a fresh child process per variant.
 Ends with one JSON line: tokens/s, step ms, peak memory per variant, the distillery / naive ratios and the doc_mask
 ratio. The anchor's
