@@ -34,7 +34,9 @@ from distillery.errors import cli  # noqa: E402
 from distillery.placement import decide  # noqa: E402
 
 GiB = 2 ** 30
-STUDENT_PERSISTENCE = 1_000_000   # ds_configs/zero3.json's stage3_param_persistence_threshold
+ZERO3 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", "zero3.json")
+with open(ZERO3) as _f:
+    STUDENT_PERSISTENCE = zero_cost.persistence_threshold(json.load(_f))   # 1e6 in zero3.json
 
 
 def sizes(preset, seq_len):
@@ -49,7 +51,8 @@ def per_micro_step(student, teacher, gpus, micro_batch, seq_len, memory_gib=80.0
     tokens = micro_batch * seq_len
     s = zero_cost.student_comm_bytes(cs, gpus, 2, STUDENT_PERSISTENCE)
     cfg = Config(micro_batch_size=micro_batch, seq_len=seq_len, grad_ckpt=grad_ckpt)
-    ds = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}
+    with open(ZERO3) as f:
+        ds = json.load(f)  # the student's engine settings the paper configs run with
     auto = decide(cfg, ds, gpus, ct, cs, memory=(memory_gib * GiB, f"{memory_gib:g} GiB"))
     return {"student": student, "teacher": teacher, "gpus": gpus, "student_params": ps, "teacher_params": pt,
             "student_bytes": s["all_gather_max"] + s["reduce_scatter"],
