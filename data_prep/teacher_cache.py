@@ -15,8 +15,8 @@ from p_t^T with their weights (count / K) plus the teacher's entropy.
 Work split: the cache is cut into shards of --rows_per_shard training rows (global row order); shards still to do are
 split into contiguous ranges, one per rank; every rank runs its shards' fixed batches (--batch_size rows of one
 shard) and all ranks run the same number of forwards (a partitioned teacher gathers parameters collectively; a rank
-out of work runs a dummy one). A batch's rows, their positions and their sampling (a generator seeded by (seed, row index)) do
-not depend on the world size, so the bytes do not either.
+out of work runs a dummy one). A batch's rows, their positions and their sampling (a generator seeded by (seed, row
+index)) do not depend on the world size or the teacher's placement, so the bytes do not either.
 
 Resume: a shard is written to a temporary name and renamed, then its record (rows, bytes, sha256) is written to
 progress/; a rerun with the same arguments checks every finished shard's size and checksum (each rank a share), redoes

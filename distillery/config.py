@@ -117,7 +117,8 @@ RUN_DEFINING = ("seed", "data", "doc_mask", "student", "student_init", "teacher"
                 "alpha_decay_frac", "seq_len", "global_batch_size", "train_tokens", "compute_match",
                 "compute_match_pretrain", "weight_decay", "beta1", "beta2", "eps")
 MAY_CHANGE = ("name", "out_dir", "eval_data", "eval_sets", "teacher_placement", "device_memory_gib",
-              "trust_remote_code", "attn_impl", "grad_ckpt", "loss_impl", "loss_chunk_size", "loss_closed_form", "loss_compile", "micro_batch_size",
+              "trust_remote_code", "attn_impl", "grad_ckpt", "loss_impl", "loss_chunk_size", "loss_closed_form",
+              "loss_compile", "micro_batch_size",
               "max_steps", "lr", "min_lr_frac", "warmup_frac", "grad_clip", "log_interval", "eval_interval", "eval_window", "eval_max_windows",
               "eval_batch_size", "callbacks", "callback_args", "save_interval", "resume", "keep_last", "export",
               "export_dtype", "verify_data", "max_bad_steps", "max_skipped_frac")
