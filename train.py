@@ -10,7 +10,8 @@
 
 Objective (Lu & Liu 2026, eq. 1; paper_setup.md): L = w_ce(alpha) * CE + w_kd(alpha) * T^2 * D(p_t^T || p_s^T), both
 terms token means over every target position of the global batch (all micro-batches, all ranks). The student is
-a ZeRO engine; the frozen teacher is a ZeRO-3 inference engine in the same process; alpha = 0 loads no teacher.
+a ZeRO engine; the frozen teacher, in the same process, is replicated or a ZeRO-3 inference engine (teacher_placement,
+distillery/placement.py); alpha = 0 loads no teacher.
 
 Reading order: resolve() checks every input and returns a Plan; main() builds the engines, the data reader and the
 callbacks' Context into a Run; train() is the loop; finish() exports. docs/architecture.md has the map.
@@ -30,17 +31,16 @@ import torch.distributed as dist
 import plugins
 from distillery import checkpoint, maskprobe, resume, runlog, shards
 from distillery.config import Config, load_config, save_config, to_dict
-from distillery.engines import (batch_layout, init_student, init_teacher, load_ds_config, student_ds_config,
-                                teacher_ds_config)
+from distillery.engines import batch_layout, init_student, load_ds_config, student_ds_config
 from distillery.errors import ConfigError, DataError, Preempted, TrainingError, cli  # noqa: F401  (TrainingError: tests)
 from distillery.flops import ComputeLedger, compute_match_budget, export_pretrain_flops, write_export_compute
 from distillery.guard import Guard
 from distillery.launch import init_distributed, rank_world, shutdown
 from distillery.loss_parts import IGNORE_INDEX, shift_targets
-from distillery.models import (attn_implementation, build_student, check_model_dir, export_hf, hf_config,
-                               load_pretrained, zero3_context)
+from distillery.models import attn_implementation, build_student, check_model_dir, export_hf, hf_config
 from distillery.objective import Objective
 from distillery.packing import doc_positions
+from distillery.placement import build_teacher, decide
 from distillery.preempt import Preemption
 from distillery.runlock import RunLock
 from distillery.sampler import RankReader
@@ -74,6 +74,7 @@ class Plan:
     objective: Objective       # divergence + mix + alpha schedule; kd_vocab set iff KD has a teacher (live or cached)
     callbacks: Callbacks       # built with their options (callback_args), in config order
     cache: object = None       # distillery.teacher_cache.CacheReader when teacher_cache= replaces the live teacher
+    placement: str = ""        # where the live teacher lives and why (distillery/placement.py); config.yaml's header
 
 
 def resolve(args):
@@ -101,7 +102,7 @@ def resolve(args):
     _, grad_accum = batch_layout(cfg, world)
     objective = Objective.from_config(cfg, total_steps)
     callbacks = Callbacks.build(cfg.callbacks, cfg.callback_args)
-    cache = None
+    cache, placement = None, ""
     if objective.needs_teacher() and cfg.teacher_cache:  # sparse targets from disk, no teacher in the process
         if objective.wants_diagnostics:
             raise ConfigError(f"alpha_controller={cfg.alpha_controller} reads the teacher's CE, which a teacher cache "
@@ -113,11 +114,16 @@ def resolve(args):
             raise ConfigError(f"alpha={cfg.alpha} (mix {cfg.mix}) needs a teacher: set teacher=<hf dir>, or "
                               f"alpha=0 for the baseline")
         objective = dataclasses.replace(objective, kd_vocab=check_model_dir(cfg.teacher, index, who="teacher"))
+        student = cfg.student_init or hf_config(cfg.student, index["vocab_size"], cfg.seq_len)
+        placed = decide(cfg, ds_base, world, cfg.teacher, student)  # replicated, partitioned or offload, and why
+        cfg.teacher_placement, placement = placed.placement, placed.line
+        if rank_world()[0] == 0:
+            print(placement, flush=True)
     elif cfg.teacher and cfg.teacher != Config.teacher and rank_world()[0] == 0:
         print(f"note: KD weight is 0 at every step, so teacher={cfg.teacher} is not loaded")
     if cfg.doc_mask:  # the kernel keeps packed documents apart at this micro-batch on these models, or the run stops
         maskprobe.check_run(cfg, ds_base, index, live_teacher=objective.kd_vocab is not None and cache is None)
-    return Plan(cfg, ds_base, index, world, grad_accum, total_steps, objective, callbacks, cache)
+    return Plan(cfg, ds_base, index, world, grad_accum, total_steps, objective, callbacks, cache, placement)
 
 
 def check_data(cfg):
@@ -152,17 +158,13 @@ def check_data(cfg):
 
 # ---------------------------------------------------------------------------- engines
 def build_engines(plan, where):
-    """(student engine, teacher inference engine or None). Each model is built under its own ZeRO-3 context; `where`
-    is the checkpoint the student will load (a universal one needs a flag at construction)."""
+    """(student engine, teacher or None: distillery/placement.py). Each model is built under its own ZeRO-3 context;
+    `where` is the checkpoint the student will load (a universal one needs a flag at construction)."""
     cfg = plan.cfg
     ds_student = checkpoint.ds_config_for_resume(student_ds_config(plan.ds_base, cfg, plan.world), where)
     teacher = None
     if plan.objective.kd_vocab is not None and plan.cache is None:
-        ds_teacher = teacher_ds_config(plan.ds_base, cfg)
-        dtype = torch.bfloat16 if ds_teacher.get("bf16") else torch.float32
-        with zero3_context(ds_teacher):
-            t_lm = load_pretrained(cfg.teacher, cfg, dtype=dtype)
-        teacher = init_teacher(t_lm, ds_teacher)
+        teacher = build_teacher(cfg, plan.ds_base)  # in cfg.teacher_placement, decided by resolve()
     lm = build_student(cfg, plan.index["vocab_size"], cfg.seq_len, ds_student)
     student = init_student(lm, cfg, ds_student, plan.total_steps)
     return student, teacher
@@ -385,7 +387,7 @@ def main(argv=None):
         check_data_files(cfg)
         run = start(plan, rank, world)
         if rank == 0:  # only once the checkpoint (if any) is loaded: a refused resume leaves config.yaml as it was
-            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"), header=plan.placement)
             resume.record(cfg, changes, run.ctx.start_step)
         try:
             finish(run, train(run))

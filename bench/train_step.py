@@ -9,6 +9,8 @@
     python bench/train_step.py --paper         # its CPU twin: the same code path at tiny shapes, checkpointing on
     python bench/train_step.py --gpu --variants distillery_lm,distillery --peak_tflops 800
                                                # a subset (bench/gpu_checks.py's fast_step); a given matmul peak
+    python bench/train_step.py [--gpu] --placements  # issue 22: the trainer's step with the teacher partitioned
+                                               # (ZeRO-3, the distillery variant), replicated and offloaded
 
 Variants (each measured on the same random batches, after warm-up, median step time):
   naive       plain torch: student forward with autocast, teacher forward under no_grad, full fp32 [tokens x vocab]
@@ -24,6 +26,10 @@ Variants (each measured on the same random batches, after warm-up, median step t
               trainer picks (distillery.models.attn_implementation("auto", True): flash-attn 2 if installed, else
               flex attention on a GPU, SDPA on CPU); rows hold ~DOC_LEN-token documents here.
               doc_mask_step_time_ratio = its step time / distillery's. Every other variant uses SDPA, as the anchor.
+  distillery_replicated, distillery_offload (--placements)  the distillery variant with the teacher replicated (no
+              ZeRO hooks, distillery.placement.ReplicatedTeacher) or ZeRO-3 offloaded to CPU memory, instead of
+              partitioned (distillery/placement.py); *_step_time_ratio = its step time / distillery's. Timing only:
+              the replicated teacher is initialised outside ZeRO-3, so its random weights (and loss) differ.
 Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU, peak RSS of a fresh child process per variant.
 MFU: tokens/s x model FLOPs per token (student 6N + teacher 2N + attention, distillery/flops.py; LM-only: the
 student alone) / the measured matmul peak (bf16 8192^3 on GPU; --peak_tflops gives one measured elsewhere).
@@ -70,9 +76,11 @@ def hf_cfg(s, p, attn="sdpa"):
                        use_cache=False, attn_implementation=attn)
 
 
-VARIANTS = ("naive", "fused_torch", "distillery_zero0", "distillery", "distillery_lm", "distillery_doc_mask")
+VARIANTS = ("naive", "fused_torch", "distillery_zero0", "distillery", "distillery_lm", "distillery_doc_mask",
+            "distillery_replicated", "distillery_offload")
 PAPER_VARIANTS = ("distillery", "distillery_doc_mask")
 TARGETS = {"kd_tokens_per_s": 40000, "kd_mfu": 0.45, "kd_peak_gib": 32.0, "kd_over_lm": 1.12}  # issue 18, GPU
+PLACED = ("distillery", "distillery_replicated", "distillery_offload")  # --placements: the teacher's placements
 EOS, DOC_LEN = 0, 64  # documents of ~64 tokens: two per CPU row, so the doc_mask variant really masks
 
 
@@ -160,11 +168,13 @@ def run_fused_torch(s, dev):
     return step
 
 
-def run_distillery(s, dev, doc_mask=False, zero_stage=3, lm_only=False):
+def run_distillery(s, dev, doc_mask=False, zero_stage=3, lm_only=False, placement="partitioned"):
     """The trainer's own pieces: engines from distillery.engines (param groups, AdamW, LR schedule, clipping from the
     Config), the Objective, and distillery.step.micro_step, the function train.py calls for every micro-batch.
     doc_mask: document positions (distillery/packing.py) to student and teacher, as train.py does by default, on the
-    attention kernel train.py picks. lm_only: alpha = 0, no teacher built, as train.py runs a baseline."""
+    attention kernel train.py picks. lm_only: alpha = 0, no teacher built, as train.py runs a baseline.
+    placement: the teacher's (distillery/placement.py): partitioned / offload build the trainer's ZeRO-3 inference
+    engine, replicated its ReplicatedTeacher around the same model in the run's dtype (built in memory, not loaded)."""
     import torch
     from transformers import AutoModelForCausalLM
     from distillery.config import Config
@@ -174,8 +184,9 @@ def run_distillery(s, dev, doc_mask=False, zero_stage=3, lm_only=False):
     from distillery.objective import Objective
     from distillery.packing import doc_positions
     from distillery.step import micro_step
+    from distillery.placement import ReplicatedTeacher
     cfg = Config(micro_batch_size=s["mb"], global_batch_size=s["mb"], lr=1e-4, alpha=0.0 if lm_only else ALPHA,
-                 loss_impl="fused", train_tokens=10 ** 9, seq_len=s["seq"])
+                 loss_impl="fused", train_tokens=10 ** 9, seq_len=s["seq"], teacher_placement=placement)
     attn = attn_implementation("auto", True) if doc_mask else "sdpa"
     ds_base = {"zero_optimization": {"stage": zero_stage}, **({"bf16": {"enabled": True}} if dev == "cuda" else {})}
     ds_teacher, ds_student = teacher_ds_config(ds_base, cfg), student_ds_config(ds_base, cfg, world=1)
@@ -183,7 +194,10 @@ def run_distillery(s, dev, doc_mask=False, zero_stage=3, lm_only=False):
         ds_teacher = dict(ds_teacher, zero_optimization={"stage": 0})
     torch.manual_seed(0)
     teacher = None
-    if not lm_only:
+    if not lm_only and placement == "replicated":
+        te = AutoModelForCausalLM.from_config(hf_cfg(s, s["teacher"], attn))
+        teacher = ReplicatedTeacher(te.to(torch.bfloat16 if dev == "cuda" else torch.float32), dev)
+    elif not lm_only:
         with zero3_context(ds_teacher):
             te = AutoModelForCausalLM.from_config(hf_cfg(s, s["teacher"], attn))
         teacher = init_teacher(te, ds_teacher)
@@ -218,7 +232,9 @@ def measure(variant, gpu, paper=False):
         step = run_fused_torch(s, dev)
     else:
         step = run_distillery(s, dev, doc_mask=variant == "distillery_doc_mask",
-                              zero_stage=0 if variant == "distillery_zero0" else 3, lm_only=variant == "distillery_lm")
+                              zero_stage=0 if variant == "distillery_zero0" else 3, lm_only=variant == "distillery_lm",
+                              placement={"distillery_replicated": "replicated",
+                                         "distillery_offload": "offload"}.get(variant, "partitioned"))
     bs = [b.to(dev) for b in batches(s)]
     return dict(variant=variant, attn=getattr(step, "attn", "sdpa"), **time_steps(lambda i: step(bs[i % 4]), s, gpu))
 
@@ -325,11 +341,15 @@ def main():
     ap.add_argument("--variants", default=None, help="comma-separated subset of " + ", ".join(VARIANTS) +
                     " (default: all; with --paper: " + ", ".join(PAPER_VARIANTS) + ")")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="matmul peak measured elsewhere (0: measure here)")
+    ap.add_argument("--placements", action="store_true", help="the trainer's step with each teacher placement: "
+                    "--variants " + ",".join(PLACED))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(measure(a.child, a.gpu, a.paper)))
         return
+    if a.placements:
+        a.variants = ",".join(PLACED)
     variants = a.variants.split(",") if a.variants else list(PAPER_VARIANTS if a.paper else VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -361,6 +381,9 @@ def main():
             "peak_mem_ratio": ratio(res, "distillery", "naive", "peak_gib"),
             "doc_mask_step_time_ratio": ratio(res, "distillery_doc_mask", "distillery", "step_ms"),
             "kd_over_lm_step_time": ratio(res, "distillery", "distillery_lm", "step_ms"),
+            # issue 22: the teacher replicated / offloaded instead of partitioned (ZeRO-3), same step otherwise
+            "replicated_step_time_ratio": ratio(res, "distillery_replicated", "distillery", "step_ms"),
+            "offload_step_time_ratio": ratio(res, "distillery_offload", "distillery", "step_ms"),
             "targets": targets(res, a.gpu)})
     print(json.dumps(rec))
     failed = [v for v, r in res.items() if "error" in r]

@@ -5,17 +5,18 @@
     deepspeed --num_gpus 8 -m data_prep.teacher_cache --ds_config ds_configs/zero3.json --teacher <dir> \
         --data data/fineweb-edu --out data/fineweb-edu-tc-8b --k 64 --method sampled --seed 0
 
-The teacher is the trainer's: a ZeRO-3 inference engine (distillery.engines.TeacherHidden / init_teacher /
-teacher_ds_config), document-masked positions when the data has an EOS (distillery/packing.py, as training does by
-default), and its output layer applied chunk by chunk to the last hidden states (gathered like the trainer's KD head),
-so no [rows, S, V] tensor exists. Per position: top-k of log p_t^T plus the log of the remaining mass, or K ids drawn
+The teacher is the trainer's, in the trainer's placement (distillery/placement.py: --teacher_placement auto |
+replicated | partitioned | offload; auto picks from the teacher's size and the memory per rank), document-masked
+positions when the data has an EOS (distillery/packing.py, as training does by default), and its output layer applied
+chunk by chunk to the last hidden states (gathered like the trainer's KD head when partitioned), so no [rows, S, V]
+tensor exists. Per position: top-k of log p_t^T plus the log of the remaining mass, or K ids drawn
 from p_t^T with their weights (count / K) plus the teacher's entropy.
 
 Work split: the cache is cut into shards of --rows_per_shard training rows (global row order); shards still to do are
 split into contiguous ranges, one per rank; every rank runs its shards' fixed batches (--batch_size rows of one
-shard) and all ranks run the same number of forwards (ZeRO-3 gathers parameters collectively; a rank out of work
-runs a dummy one). A batch's rows, their positions and their sampling (a generator seeded by (seed, row index)) do
-not depend on the world size, so the bytes do not either.
+shard) and all ranks run the same number of forwards (a partitioned teacher gathers parameters collectively; a rank
+out of work runs a dummy one). A batch's rows, their positions and their sampling (a generator seeded by (seed, row
+index)) do not depend on the world size or the teacher's placement, so the bytes do not either.
 
 Resume: a shard is written to a temporary name and renamed, then its record (rows, bytes, sha256) is written to
 progress/; a rerun with the same arguments checks every finished shard's size and checksum (each rank a share), redoes
@@ -56,6 +57,8 @@ def fingerprint(a, data_id, teacher_id, kd_vocab, eos_id, rows_per_shard, chunk,
 
 
 def _check_args(a):
+    if a.teacher_offload:
+        raise ConfigError("--teacher_offload was replaced by --teacher_placement offload")
     if a.method not in tc.METHODS:
         raise ConfigError(f"--method {a.method!r} unknown; use topk or sampled")
     if a.k < 1:
@@ -232,19 +235,20 @@ def run(a):
     if todo and done:
         say(f"resuming {a.out}: {len(done)} of {n_shards} shards done and verified, {len(todo)} to go")
 
-    # the teacher, exactly as the trainer builds it
+    # the teacher, exactly as the trainer builds it, in the placement the trainer would pick (distillery/placement.py)
     from distillery.config import Config
-    from distillery.engines import init_teacher, teacher_ds_config
-    from distillery.models import attn_implementation, load_pretrained, zero3_context
+    from distillery.models import attn_implementation
     from distillery.packing import doc_positions
+    from distillery.placement import build_teacher, decide
     import deepspeed
-    cfg = Config(micro_batch_size=a.batch_size, teacher_offload=a.teacher_offload,
+    cfg = Config(teacher=a.teacher, micro_batch_size=a.batch_size, seq_len=S, teacher_placement=a.teacher_placement,
                  trust_remote_code=a.trust_remote_code)
     cfg.attn_impl = attn_implementation(cfg.attn_impl, a.doc_mask)
-    ds_teacher = teacher_ds_config(ds_base, cfg)
-    with zero3_context(ds_teacher):
-        lm = load_pretrained(a.teacher, cfg, dtype=torch.bfloat16 if bf16 else torch.float32)
-    engine = init_teacher(lm, ds_teacher)
+    placed = decide(cfg, ds_base, world, a.teacher)  # no student: the device is the teacher's alone
+    cfg.teacher_placement = placed.placement
+    if rank == 0:
+        say(placed.line)
+    engine = build_teacher(cfg, ds_base)
     dev = engine.device
     rows_src = shards.TokenRows(a.data)
     w_head = engine.module.head_weight
@@ -325,6 +329,7 @@ def run(a):
 
 def parse_args(argv=None):
     import torch
+    from distillery.config import PLACEMENTS
     gpu = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -342,7 +347,10 @@ def parse_args(argv=None):
     ap.add_argument("--rows_per_shard", type=int, default=0, help="rows per cache shard (0: ~1 GiB)")
     ap.add_argument("--chunk_size", type=int, default=0, help="positions per logits chunk (0: ~2^24 logits)")
     ap.add_argument("--ds_config", default="ds_configs/zero3.json" if gpu else "ds_configs/cpu.json")
-    ap.add_argument("--teacher_offload", action="store_true", help="ZeRO-3 offload of the teacher to CPU")
+    ap.add_argument("--teacher_placement", default="auto", choices=PLACEMENTS,
+                    help="the trainer's teacher_placement: replicated on every rank, ZeRO-3 partitioned, ZeRO-3 "
+                         "offloaded to CPU, or auto (picked from sizes and memory)")
+    ap.add_argument("--teacher_offload", action="store_true", help=argparse.SUPPRESS)  # replaced: refused below
     ap.add_argument("--trust_remote_code", action="store_true")
     ap.add_argument("--progress_every", type=float, default=10.0, help="seconds between progress lines")
     ap.add_argument("--quiet", action="store_true")

@@ -15,6 +15,7 @@ import yaml
 from distillery import atomic
 from distillery.errors import ConfigError
 
+PLACEMENTS = ("auto", "replicated", "partitioned", "offload")  # teacher_placement (distillery/placement.py)
 
 
 
@@ -32,7 +33,11 @@ class Config:
     student: str = "tiny-student"      # preset name (distillery/models.py) ...
     student_init: str = ""             # ... or start from a Hugging Face directory (continued pretraining)
     teacher: str = "runs/offline-teacher/export"  # HF-format directory (safetensors); unused when KD weight is 0
-    teacher_offload: bool = False      # ZeRO-3 offload_param of the teacher to CPU memory
+    teacher_placement: str = "auto"    # auto | replicated (whole teacher on every rank, no gathers) | partitioned
+                                       # (ZeRO-3) | offload (ZeRO-3, parameters in CPU memory); auto decides from
+                                       # sizes and memory (distillery/placement.py, docs/scaling.md)
+    device_memory_gib: float = 0.0     # memory per rank that auto assumes; 0: the GPU's, or on CPU the machine's
+                                       # shared by the ranks on it
     teacher_cache: str = ""            # a data_prep.teacher_cache dir: sparse cached targets replace the live teacher
     teacher_cache_mode: str = "renorm"  # top-k caches: renorm | tail | support (docs/teacher_cache.md); sampled: -
     teacher_cache_k: int = 0           # use the first k entries of a top-k cache (0: all it holds)
@@ -117,8 +122,9 @@ RUN_DEFINING = ("seed", "data", "doc_mask", "student", "student_init", "teacher"
                 "divergence_args", "mix", "alpha_schedule", "alpha_start", "alpha_end", "alpha_warmup_frac",
                 "alpha_decay_frac", "alpha_controller", "alpha_controller_args", "seq_len", "global_batch_size",
                 "train_tokens", "compute_match", "compute_match_pretrain", "weight_decay", "beta1", "beta2", "eps")
-MAY_CHANGE = ("name", "out_dir", "eval_data", "eval_sets", "teacher_offload", "trust_remote_code", "attn_impl",
-              "grad_ckpt", "loss_impl", "loss_chunk_size", "loss_closed_form", "loss_compile", "micro_batch_size",
+MAY_CHANGE = ("name", "out_dir", "eval_data", "eval_sets", "teacher_placement", "device_memory_gib",
+              "trust_remote_code", "attn_impl", "grad_ckpt", "loss_impl", "loss_chunk_size", "loss_closed_form",
+              "loss_compile", "micro_batch_size",
               "max_steps", "lr", "min_lr_frac", "warmup_frac", "grad_clip", "log_interval", "eval_interval", "eval_window", "eval_max_windows",
               "eval_batch_size", "callbacks", "callback_args", "save_interval", "resume", "keep_last", "export",
               "export_dtype", "verify_data", "max_bad_steps", "max_skipped_frac")
@@ -152,7 +158,15 @@ def _coerce(key, value):
     return value
 
 
+# Keys that were replaced: refused with the new spelling (one way to say a thing; an old run's config.yaml still
+# resumes, since resume checks only the keys it knows).
+REPLACED = {"teacher_offload": "teacher_offload was replaced by teacher_placement: write teacher_placement=offload "
+                               "for true, or drop the key (teacher_placement=auto) for false"}
+
+
 def _check_key(key, where):
+    if key in REPLACED:
+        raise ConfigError(f"config key {key!r} in {where}: {REPLACED[key]}")
     if key not in FIELDS:
         close = difflib.get_close_matches(key, FIELDS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else "; see distillery/config.py for the keys"
@@ -211,6 +225,10 @@ def validate(cfg):
     if cfg.keep_last < 0 or cfg.max_bad_steps < 1 or not 0.0 < cfg.max_skipped_frac <= 1.0:
         raise ConfigError(f"keep_last={cfg.keep_last} must be >= 0, max_bad_steps={cfg.max_bad_steps} >= 1, "
                           f"max_skipped_frac={cfg.max_skipped_frac} in (0, 1]")
+    if cfg.teacher_placement not in PLACEMENTS:
+        raise ConfigError(f"teacher_placement={cfg.teacher_placement!r}: use {' | '.join(PLACEMENTS)}")
+    if cfg.device_memory_gib < 0:
+        raise ConfigError(f"device_memory_gib={cfg.device_memory_gib} must be >= 0 (0: measured)")
     if cfg.export_dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"export_dtype={cfg.export_dtype!r}: use float32, bfloat16 or float16")
     # Everything below was used unchecked until the first step (or a later one), after config.yaml was written: a
@@ -243,5 +261,7 @@ def to_dict(cfg):
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg, path):
-    atomic.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg, path, header=""):
+    """The resolved config as YAML; `header` (e.g. the teacher placement and why) as leading comment lines."""
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    atomic.write_text(path, comment + yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -67,11 +67,12 @@ def student_ds_config(ds, cfg, world):
 
 
 def teacher_ds_config(ds, cfg):
-    """Inference-only ZeRO-3: no optimizer, parameters partitioned across ranks (never replicated, trap 1), optional
-    offload to CPU memory. Precision follows the student's engine config."""
+    """Inference-only ZeRO-3 for teacher_placement partitioned and offload (replicated builds no engine:
+    distillery/placement.py): no optimizer, parameters partitioned across ranks, with offload their partitions in
+    CPU memory. Precision follows the student's engine config."""
     check_precision(ds, "the DeepSpeed config")
     zero = {"stage": 3}
-    if cfg.teacher_offload:
+    if cfg.teacher_placement == "offload":
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     out = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "zero_optimization": zero,
            "steps_per_print": 10 ** 9}

@@ -140,14 +140,17 @@ def build_student(cfg, data_vocab, seq_len, ds_config):
     return model
 
 
-def load_pretrained(path, cfg, dtype):
+def load_pretrained(path, cfg, dtype, device=None):
+    """A Hugging Face model from safetensors in `dtype`; on `device` when given (each tensor goes there from the
+    mapped file: no whole-model copy in host memory), else on CPU (or partitioned, under a zero3_context)."""
     from transformers import AutoModelForCausalLM
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise DataError(f"model directory {path!r} not found (no config.json); give a Hugging Face-format "
                         f"directory, e.g. runs/<teacher run>/export")
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                 trust_remote_code=cfg.trust_remote_code,
-                                                attn_implementation=attn_implementation(cfg.attn_impl))
+                                                attn_implementation=attn_implementation(cfg.attn_impl),
+                                                **({"device_map": {"": device}} if device is not None else {}))
 
 
 # Families whose causal-LM logits are exactly lm_head(final hidden state), no bias, scale or cap: the fused KD head

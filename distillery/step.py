@@ -41,15 +41,18 @@ def micro_step(engine, teacher, x, y, loss_kw, w_ce, w_kd, want_diag=False, teac
     x, y: [mb, S] token rows and their targets on the engine's device. positions: [mb, S] document positions
     (distillery/packing.py) given to both models, or None (one causal sequence per row). loss_kw: Objective.loss_kw(). w_ce, w_kd: the
     loss weights with any normalisation folded in. Returns the engine's output dict (loss, ce_sum, kd_sum, n_tokens,
-    diag). The teacher's output weight is gathered for the duration of the student's forward only: the fused head
-    reads it chunk by chunk, and ZeRO-3 releases it right after."""
-    t_hidden, t_weight, gather = None, None, contextlib.nullcontext()
-    if teacher is not None:
-        with teacher_timer() if teacher_timer is not None else contextlib.nullcontext(), torch.no_grad():
-            t_hidden = teacher(x, position_ids=positions)                          # [mb, S, Ht]
-        t_weight = teacher.module.head_weight
-        gather = deepspeed.zero.GatheredParameters([t_weight], modifier_rank=None)
-    with gather:
+    diag). teacher_timer: a callable returning a context manager around the teacher's share (its forward and the
+    gather of its head), e.g. a Timer. A partitioned teacher's output weight is gathered for the duration of the
+    student's forward only (the fused head reads it chunk by chunk; ZeRO-3 releases it right after); a replicated
+    teacher's (distillery/placement.py) is read as it is, no collective."""
+    t_hidden, t_weight = None, None
+    with contextlib.ExitStack() as held:  # holds the gathered teacher head until the student's forward is done
+        if teacher is not None:
+            with teacher_timer() if teacher_timer is not None else contextlib.nullcontext(), torch.no_grad():
+                t_hidden = teacher(x, position_ids=positions)                      # [mb, S, Ht]
+                t_weight = teacher.module.head_weight                              # [Vt, Ht]
+                if hasattr(t_weight, "ds_id"):  # ZeRO-3 partition: gather it (collective, every rank)
+                    held.enter_context(deepspeed.zero.GatheredParameters([t_weight], modifier_rank=None))
         parts = engine(input_ids=x, targets=y, teacher_hidden=t_hidden, teacher_weight=t_weight, w_ce=w_ce,
                        w_kd=w_kd, want_diag=want_diag and teacher is not None, position_ids=positions, **loss_kw)
     if t_hidden is not None:  # which term went bad, when one does (a [mb, S, Ht] reduction: ~free next to the forward)

@@ -42,7 +42,8 @@ class Context:
     """What every hook gets as its first argument. Built once per run by the trainer."""
     cfg: Any                 # distillery.config.Config, resolved (seq_len and eval_sets filled in)
     engine: Any              # the student's DeepSpeed engine; engine.module.lm is the Hugging Face model
-    teacher: Any = None      # the teacher's ZeRO-3 inference engine, or None (no KD weight at any step)
+    teacher: Any = None      # the teacher (distillery/placement.py: replicated, or a ZeRO-3 inference engine), or
+                             # None (no KD weight at any step)
     run_dir: str = ""
     writer: Any = dataclasses.field(default_factory=NullWriter)  # SummaryWriter on rank 0, NullWriter elsewhere
     rank: int = 0

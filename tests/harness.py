@@ -178,8 +178,64 @@ def zero3_worker(rank, world, port, job):
         _json.dump(out, f)
 
 
+def placement_worker(rank, world, port, job):
+    """One rank of the teacher-placement check (tests/test_placement.py): the teacher of job['teacher'] built
+    partitioned and replicated (distillery.placement.build_teacher) on the same inputs; writes job['out']/rank<r>.json
+    with whether hidden states and head weights are bitwise equal, and the bytes each placement's teacher moves in
+    the trainer's micro_step (distillery/step.py) next to a micro ZeRO-3 student, counted by distillery.commcount."""
+    import json as _json
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    import torch
+    from distillery.commcount import CommCounter
+    counter = CommCounter(world).install()  # before the process group (DeepSpeed binds the collectives then)
+    from distillery.launch import init_distributed
+    init_distributed()
+    torch.set_num_threads(1)
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from distillery.config import Config
+    from distillery.engines import init_student, student_ds_config
+    from distillery.loss_parts import shift_targets
+    from distillery.models import zero3_context
+    from distillery.objective import Objective
+    from distillery.placement import build_teacher
+    from distillery.step import micro_step
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randint(0, job["vocab"], (2, 16), generator=g)
+    cfg = Config(teacher=job["teacher"], micro_batch_size=2, global_batch_size=2 * world, seq_len=16, alpha=0.5,
+                 train_tokens=10 ** 6)
+    ds = {"zero_optimization": {"stage": 3}}
+    ds_student = student_ds_config(ds, cfg, world)
+    with zero3_context(ds_student):
+        student = AutoModelForCausalLM.from_pretrained(job["student"], dtype=torch.float32)
+    engine = init_student(student, cfg, ds_student, total_steps=10)
+    loss_kw = dict(Objective.from_config(cfg, 10).loss_kw(), kd_vocab=job["vocab"])
+    out, hidden, head = {"rank": rank}, {}, {}
+    for placement in ("partitioned", "replicated"):
+        cfg.teacher_placement = placement
+        teacher = build_teacher(cfg, ds)
+        with torch.no_grad():
+            hidden[placement] = teacher(x)
+        with deepspeed.zero.GatheredParameters([teacher.module.head_weight], modifier_rank=None):
+            head[placement] = teacher.module.head_weight.detach().clone()
+        out[f"{placement}_hooked"] = any(hasattr(p, "ds_id") for p in teacher.module.parameters())
+        for i in range(2):  # the second micro-step: ZeRO-3's trace of the first is complete
+            counter.reset()
+            with counter.phase("student"):
+                micro_step(engine, teacher, x, shift_targets(x), loss_kw, 0.01, 0.01,
+                           teacher_timer=lambda: counter.phase("teacher"))
+        out[f"{placement}_bytes"] = counter.totals().get("teacher", {})
+    out["hidden_equal"] = torch.equal(hidden["partitioned"], hidden["replicated"])
+    out["head_equal"] = torch.equal(head["partitioned"], head["replicated"])
+    torch.distributed.barrier()
+    with open(os.path.join(job["out"], f"rank{rank}.json"), "w") as f:
+        _json.dump(out, f)
+
+
 def launch_zero3(job, world=2, port=None):
-    """Spawn `world` gloo ranks running zero3_worker(job); returns the per-rank result dicts."""
+    """Spawn `world` gloo ranks running zero3_worker(job) (or placement_worker, job['worker']: 'placement'); returns
+    the per-rank result dicts."""
     import json as _json
 
     import torch.multiprocessing as mp
@@ -187,7 +243,8 @@ def launch_zero3(job, world=2, port=None):
         from distillery.launch import free_port
         port = free_port()
     os.makedirs(job["out"], exist_ok=True)
-    mp.spawn(zero3_worker, args=(world, port, job), nprocs=world, join=True)
+    worker = placement_worker if job.get("worker") == "placement" else zero3_worker
+    mp.spawn(worker, args=(world, port, job), nprocs=world, join=True)
     res = []
     for r in range(world):
         with open(os.path.join(job["out"], f"rank{r}.json")) as f:

@@ -38,6 +38,10 @@ def test_save_roundtrip(tmp_path):
     cfg = load_config(None, ["alpha=0.3", "name=x"])
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(str(tmp_path / "c.yaml")) == cfg
+    # the teacher placement's reason heads config.yaml as comment lines: a saved config still loads as it was
+    save_config(cfg, tmp_path / "h.yaml", header="teacher replicated (auto): 1 GiB per rank")
+    assert (tmp_path / "h.yaml").read_text().startswith("# teacher replicated (auto): 1 GiB per rank\nname: x\n")
+    assert load_config(str(tmp_path / "h.yaml")) == cfg
 
 
 def test_paper_defaults():

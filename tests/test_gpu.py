@@ -19,8 +19,11 @@ def test_bf16_zero3_distillation_learns(data_dir, teacher_dir, tmp_path, impl):
     assert 0 < m[max(m)]["perf/teacher_share"] < 1
 
 
-def test_teacher_offload(data_dir, teacher_dir, tmp_path):
-    run_launcher(data_dir, tmp_path, "name=off", f"teacher={teacher_dir}", "alpha=0.4", "teacher_offload=true",
-                 "max_steps=3", nproc=1, ds_config="ds_configs/zero3.json")
-    m, _ = read_metrics(tmp_path / "off")
-    assert sorted(m) == [1, 2, 3]
+@pytest.mark.parametrize("placement", ["offload", "replicated"])
+def test_teacher_placements(data_dir, teacher_dir, tmp_path, placement):
+    run_launcher(data_dir, tmp_path, f"name={placement}", f"teacher={teacher_dir}", "alpha=0.4",
+                 f"teacher_placement={placement}", "max_steps=3", nproc=1, ds_config="ds_configs/zero3.json")
+    m, _ = read_metrics(tmp_path / placement)
+    assert sorted(m) == [1, 2, 3] and all(math.isfinite(r["loss/total"]) for r in m.values())
+    head = (tmp_path / placement / "config.yaml").read_text().splitlines()[0]
+    assert head.startswith(f"# teacher {placement} (set): ")

@@ -78,11 +78,10 @@ def test_cache_study_steps_are_valid_commands():
 
 
 def _fake_run(root, name, heldout_ce):
-    """A finished run as the scripts see it: export/config.json and eval/final.json with a held-out CE."""
+    """A finished run as the scripts see it: the trainer's finished.json and eval/final.json with a held-out CE."""
     d = root / "runs" / name
-    (d / "export").mkdir(parents=True)
-    (d / "export" / "config.json").write_text("{}")
-    (d / "eval").mkdir()
+    (d / "eval").mkdir(parents=True)
+    (d / "finished.json").write_text(json.dumps({"step": 1}))
     (d / "eval" / "final.json").write_text(json.dumps({"ppl": {"heldout": {"ce": heldout_ce}}}))
 
 

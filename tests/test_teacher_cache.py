@@ -114,6 +114,12 @@ def test_kill_and_rerun_is_byte_identical(small, topk_cache):
         gen.main(args(small, out, "--temperature", "2", k=4))
 
 
+def test_old_offload_flag_is_refused_with_the_new_spelling(small, tmp_path):
+    with pytest.raises(ConfigError, match="^--teacher_offload was replaced by --teacher_placement offload$"):
+        gen.main(args(small, tmp_path / "new", "--teacher_offload"))
+    assert not (tmp_path / "new").exists()                                # refused before anything is written
+
+
 def _one_line(excinfo):
     msg = str(excinfo.value)
     assert "\n" not in msg and len(msg) < 400, msg
@@ -171,9 +177,9 @@ def test_sampled_cache_weights_and_entropy(small):
         reader.check(str(small / "data"), 1.0, True, k_needed=K - 1)
 
 
-def _subprocess_build(small, out, nproc):
+def _subprocess_build(small, out, nproc, placement="auto"):
     from distillery.launch import free_port
-    a = args(small, out, "--seed", "5", method="sampled")
+    a = args(small, out, "--seed", "5", "--teacher_placement", placement, method="sampled")
     if nproc == 1:
         cmd = [sys.executable, "-m", "data_prep.teacher_cache", *a]
     else:
@@ -187,9 +193,9 @@ def _subprocess_build(small, out, nproc):
 @pytest.mark.slow
 def test_one_rank_equals_two_ranks(small):
     """The deepspeed launcher with 2 CPU ranks (gloo, ZeRO-3 teacher partitioned over both) writes the same bytes
-    as one process (~1 min)."""
+    as one process with a replicated teacher (auto on one rank) (~1 min)."""
     _subprocess_build(small, small / "c-1rank", 1)
-    _subprocess_build(small, small / "c-2rank", 2)
+    _subprocess_build(small, small / "c-2rank", 2, placement="partitioned")
     a, ia = shard_bytes(small / "c-1rank")
     b, ib = shard_bytes(small / "c-2rank")
     assert a == b and ia["files"] == ib["files"]
