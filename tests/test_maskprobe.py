@@ -136,7 +136,9 @@ def test_run_says_masking_was_verified_and_takes_a_registered_kernel(data_dir, t
     argv = ["--ds_config", str(REPO / "ds_configs/cpu.json"), f"data={data_dir}", f"out_dir={tmp_path}", *BASE,
             f"teacher={teacher_dir}"]
     train.resolve(train.parse_args(argv))
-    first = capsys.readouterr().out.splitlines()[0]
+    start = capsys.readouterr().out.splitlines()[:2]  # resolve()'s start-up lines: teacher placement, then this
+    assert start[0].startswith("teacher "), start
+    first = start[1]
     assert first.startswith("document masking verified on attention kernel sdpa at micro-batch 4 (float32, cpu) for "
                             "student (llama) and teacher (llama): packed vs alone "), first
     register(monkeypatch, "my_kernel", sdpa_attention_forward, mask=sdpa_mask)

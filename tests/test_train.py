@@ -337,7 +337,7 @@ def test_bf16_run_on_cpu_tracks_fp32(kd_run, data_dir, teacher_dir, tmp_path, ca
     ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}))
     run_inprocess(data_dir, tmp_path, "name=bf16", f"teacher={teacher_dir}", "alpha=0.4", "save_interval=0", SEED,
                   ds_config=str(ds))
-    assert "(bfloat16, cpu) for student (llama) and teacher (llama)" in capsys.readouterr().out.splitlines()[0]
+    assert "(bfloat16, cpu) for student (llama) and teacher (llama)" in capsys.readouterr().out.splitlines()[1]
     fp32, fp32_eval = read_metrics(kd_run)
     bf16, bf16_eval = read_metrics(tmp_path / "bf16")
     worst = {k: max(abs(bf16[s][k] - fp32[s][k]) / abs(fp32[s][k]) for s in range(1, 11))
