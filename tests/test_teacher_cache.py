@@ -27,6 +27,7 @@ from distillery.errors import ConfigError, DataError, DistilleryError  # noqa: E
 from distillery.teacher_cache import CacheReader, record_dtype  # noqa: E402
 
 K, RPS = 6, 64   # entries per position; rows per cache shard (~5 shards)
+TOPK_T2 = ("--temperature", "2", "--vals", "fp32")   # the top-k fixture: fp32 values (exact; fp16 is tested below)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def shard_bytes(out):
 @pytest.fixture(scope="module")
 def topk_cache(small):
     out = small / "c-topk"
-    gen.main(args(small, out, "--temperature", "2"))
+    gen.main(args(small, out, *TOPK_T2))
     return out
 
 
@@ -64,7 +65,10 @@ def test_cache_holds_the_live_teachers_distribution(small, topk_cache):
     reader = CacheReader(str(topk_cache), verify=True).check(str(small / "data"), 2.0, True, k_needed=K,
                                                               method="topk", teacher=str(small / "teacher"))
     assert (reader.method, reader.k, reader.temperature, reader.doc_mask) == ("topk", K, 2.0, True)
-    assert os.path.getsize(os.path.join(topk_cache, "shards/00000.bin")) == RPS * record_dtype(64, K).itemsize
+    # compact layout (the default) at --vals fp32: per row rest + vals float32 [64 (K + 1)], ids at 9 bits (vocab 512)
+    # [64 K]; then the offset table uint64 [RPS + 1] (the rows end on a multiple of 8 here)
+    assert os.path.getsize(os.path.join(topk_cache, "shards/00000.bin")) == RPS * (64 * (K + 1) * 4 + 64 * K * 9 // 8) \
+        + 8 * (RPS + 1)
     rows = TokenRows(str(small / "data"))
     assert len(reader) == len(rows)
     eos = json.load(open(small / "data" / "index.json"))["eos_id"]
@@ -92,7 +96,7 @@ def test_cache_holds_the_live_teachers_distribution(small, topk_cache):
 def test_kill_and_rerun_is_byte_identical(small, topk_cache):
     out = small / "c-killed"
     with pytest.raises(KeyboardInterrupt):
-        gen.main(args(small, out, "--temperature", "2", "--stop_after_shards", "2"))
+        gen.main(args(small, out, *TOPK_T2, "--stop_after_shards", "2"))
     assert not os.path.exists(out / "index.json")
     assert sorted(os.listdir(out / "shards")) == ["00000.bin", "00001.bin"]
     with pytest.raises(DataError, match="no teacher cache .* build is in progress"):
@@ -101,14 +105,14 @@ def test_kill_and_rerun_is_byte_identical(small, topk_cache):
         f.write(b"junk")
     with pytest.raises(DataError, match="partial teacher cache with other arguments"):
         gen.main(args(small, out, "--temperature", "1"))
-    gen.main(args(small, out, "--temperature", "2"))
+    gen.main(args(small, out, *TOPK_T2))
     a, ia = shard_bytes(out)
     b, ib = shard_bytes(topk_cache)
     assert a == b and ia["files"] == ib["files"] and len(a) == -(-ia["rows"] // RPS)
     assert not os.path.exists(out / "progress")
-    gen.main(args(small, out, "--temperature", "2"))                     # already built: nothing to do
+    gen.main(args(small, out, *TOPK_T2))                                 # already built: nothing to do
     with pytest.raises(DataError, match="already holds a teacher cache built with other arguments"):
-        gen.main(args(small, out, "--temperature", "2", k=4))
+        gen.main(args(small, out, *TOPK_T2, k=4))
 
 
 def _one_line(excinfo):
@@ -199,7 +203,7 @@ def test_training_from_a_full_cache_matches_online_step_for_step(small, tmp_path
     from conftest import read_metrics, run_inprocess
     vocab = json.load(open(small / "data" / "index.json"))["vocab_size"]
     full = tmp_path / "c-full"
-    gen.main(args(small, full, k=vocab))
+    gen.main(args(small, full, "--vals", "fp32", k=vocab))               # fp32 values: exact to fp32 rounding
     common = [f"data={small / 'data'}", "alpha=0.5", "max_steps=3", "callbacks=[]", "eval_interval=-1",
               "export=false"]
     run_inprocess(str(small / "data"), tmp_path, "name=online", f"teacher={small / 'teacher'}", *common)
