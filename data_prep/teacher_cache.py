@@ -161,27 +161,6 @@ def encode_batch(h, w, rows, a, chunk, v, seq_len, layout):
                        rest.reshape(b, seq_len).numpy())
 
 
-def storage_entries(version, spec, method, S, k, files):
-    """The index entries that describe how the rows are stored: version, layout, record, files, bytes, tokens."""
-    if version == cache_layout.FIXED:
-        record = {"ids": f"int32 [{S}, {k}]", "vals": f"float32 [{S}, {k}]", "rest": f"float32 [{S}]"}
-    elif method == "topk":
-        record = {"rest": f"{spec['vals']} [{S}]", "vals": f"{spec['vals']} [{S}, {k}]",
-                  "ids": f"{spec['id_bits']}-bit packed [{S}, {k}]", "table": "uint64 [rows + 1] row offsets"}
-    else:
-        record = {"rest": f"{spec['rest']} [{S}]", "mask": f"{k - 1} bits per position: sorted draw j starts a new id",
-                  "ids": f"{spec['id_bits']}-bit packed, the distinct ids of each position, ascending",
-                  "table": "uint64 [rows + 1] row offsets"}
-    record["vals_meaning"] = ("log p_t^T(id), descending" if method == "topk" else
-                              "weight count/K of id (distinct ids first)")
-    record["rest_meaning"] = ("log teacher mass outside the ids (-inf: none)" if method == "topk" else
-                              "teacher entropy H(p_t^T), nats")
-    nbytes, tokens = sum(e["bytes"] for e in files), sum(e["rows"] for e in files) * S
-    out = {"version": version, **({"layout": spec} if spec else {}), "record": record,
-           "bytes_per_token": round(nbytes / max(1, tokens), 4), "files": files, "tokens": tokens, "bytes": nbytes}
-    return out
-
-
 def convert(a):
     """Rewrite the cache a.convert into a.out in the layout the arguments name, shard by shard (each source shard's
     checksum verified first; the same rows per shard), into a temporary directory renamed onto a.out at the end: a
@@ -219,7 +198,7 @@ def convert(a):
             files.append({"path": e["path"], "first_row": r0, "rows": r1 - r0, "bytes": nbytes, "sha256": sha})
         build = {k: v for k, v in (ix.get("build") or {}).items() if k != "layout"}
         build = {**build, "layout": spec} if spec else build
-        storage = storage_entries(version, spec, ix["method"], src.seq_len, src.k, files)
+        storage = tc.storage_entries(version, spec, ix["method"], src.seq_len, src.k, files)
         keep = {k: v for k, v in ix.items() if k not in ("version", "layout", "record", "bytes_per_token", "files",
                                                          "tokens", "bytes", "build")}
         index = {**keep, **storage, "build": build, "converted_from": {"path": os.path.abspath(a.convert),
@@ -402,7 +381,7 @@ def run(a):
                  "temperature": a.temperature, "seed": a.seed, "doc_mask": a.doc_mask,
                  "eos_id": eos_id if a.doc_mask else None, "kd_vocab": kd_vocab, "seq_len": S, "rows": R,
                  "rows_per_shard": rows_per_shard, "teacher": teacher_id, "data": data_id,
-                 **storage_entries(version, spec, a.method, S, a.k, files), "build": fp}
+                 **tc.storage_entries(version, spec, a.method, S, a.k, files), "build": fp}
         nbytes = index["bytes"]
         atomic.write_json(index_path, index)
         for fn in os.listdir(os.path.join(a.out, PROGRESS)):

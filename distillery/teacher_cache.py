@@ -46,7 +46,7 @@ import os
 import numpy as np
 import torch
 
-from distillery import cache_layout, shards
+from distillery import atomic, cache_layout, shards
 from distillery.cache_layout import merge_sorted_draws
 from distillery.errors import ConfigError, DataError
 
@@ -103,6 +103,44 @@ def teacher_identity(teacher_dir):
     blob = json.dumps(conf, sort_keys=True).encode()
     return {"path": os.path.abspath(teacher_dir), "config_sha256": hashlib.sha256(blob).hexdigest(),
             "model_type": conf.get("model_type"), "vocab_size": conf.get("vocab_size")}
+
+
+def storage_entries(version, spec, method, S, k, files):
+    """The index entries that describe how the rows are stored: version, layout, record, files, bytes, tokens."""
+    if version == cache_layout.FIXED:
+        record = {"ids": f"int32 [{S}, {k}]", "vals": f"float32 [{S}, {k}]", "rest": f"float32 [{S}]"}
+    elif method == "topk":
+        record = {"rest": f"{spec['vals']} [{S}]", "vals": f"{spec['vals']} [{S}, {k}]",
+                  "ids": f"{spec['id_bits']}-bit packed [{S}, {k}]", "table": "uint64 [rows + 1] row offsets"}
+    else:
+        record = {"rest": f"{spec['rest']} [{S}]", "mask": f"{k - 1} bits per position: sorted draw j starts a new id",
+                  "ids": f"{spec['id_bits']}-bit packed, the distinct ids of each position, ascending",
+                  "table": "uint64 [rows + 1] row offsets"}
+    record["vals_meaning"] = ("log p_t^T(id), descending" if method == "topk" else
+                              "weight count/K of id (distinct ids first)")
+    record["rest_meaning"] = ("log teacher mass outside the ids (-inf: none)" if method == "topk" else
+                              "teacher entropy H(p_t^T), nats")
+    nbytes, tokens = sum(e["bytes"] for e in files), sum(e["rows"] for e in files) * S
+    out = {"version": version, **({"layout": spec} if spec else {}), "record": record,
+           "bytes_per_token": round(nbytes / max(1, tokens), 4), "files": files, "tokens": tokens, "bytes": nbytes}
+    return out
+
+
+def write_cache(cache_dir, index, batches):
+    """A one-shard cache from rows already encoded (benches; the builder is data_prep/teacher_cache.py): index holds
+    method, k, seq_len, kd_vocab, temperature, doc_mask, version and (compact) layout; batches yields (ids [b, S, K],
+    vals [b, S, K], rest [b, S]) numpy arrays. Returns its CacheReader."""
+    layout = layout_of(index)
+    f = cache_layout.ShardFile(os.path.join(cache_dir, shard_path(0)), layout)
+    for ids, vals, rest in batches:
+        f.write(*layout.pack(ids, vals, rest))
+    rows = f.rows
+    nbytes, sha = f.close()
+    files = [{"path": shard_path(0), "first_row": 0, "rows": rows, "bytes": nbytes, "sha256": sha}]
+    atomic.write_json(os.path.join(cache_dir, "index.json"), {
+        "format": FORMAT, "rows": rows, **index,
+        **storage_entries(index["version"], index.get("layout"), index["method"], index["seq_len"], index["k"], files)})
+    return CacheReader(cache_dir)
 
 
 # ---------------------------------------------------------------------------- encoders (generator and tests)
