@@ -304,7 +304,8 @@ class CacheReader:
         lens = hi - lo
         ends = np.cumsum(lens)
         starts = ends - lens
-        buf = np.zeros(int(ends[-1] if idx.size else 0) + cache_layout.PAD, dtype=np.uint8)
+        buf = np.empty(int(ends[-1] if idx.size else 0) + cache_layout.PAD, dtype=np.uint8)
+        buf[buf.size - cache_layout.PAD:] = 0
         for f, a, b, s in zip(files.tolist(), lo.tolist(), hi.tolist(), starts.tolist()):
             if b < a or b > self.maps[f].size:
                 raise DataError(f"teacher cache {self.dir}: the row table of {self.index['files'][f]['path']} "

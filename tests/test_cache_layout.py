@@ -35,6 +35,17 @@ def test_bit_order_and_roundtrip():
         assert packed.size == math.ceil(1001 * b / 8)
         buf = np.concatenate([packed, np.zeros(cl.PAD, np.uint8)])
         assert np.array_equal(cl.unpack_bits(buf, np.arange(1001, dtype=np.int64) * b, b), v), b
+        # runs as the layouts store them (each byte-aligned): equal and equally spaced (one lane pass), long ones
+        # (lanes per run), short ones of unequal length (one gather)
+        for counts in ([300, 300, 300], [2000, 1500], [5, 0, 40, 13]):
+            runs = [rng.integers(0, 2 ** b, size=c, dtype=np.int64) for c in counts]
+            blobs = [cl.pack_bits(r, b) if len(r) else np.zeros(0, np.uint8) for r in runs]
+            size = max(len(x) for x in blobs)
+            buf = np.zeros(size * len(runs) + cl.PAD, np.uint8)
+            for i, x in enumerate(blobs):
+                buf[i * size:i * size + len(x)] = x
+            got = cl.unpack_fields(buf, np.arange(len(runs)) * size, counts, b)
+            assert np.array_equal(got, np.concatenate(runs)), (b, counts)
 
 
 def test_merge_sorted_draws():
