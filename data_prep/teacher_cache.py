@@ -69,9 +69,8 @@ def fingerprint(a, data_id, teacher_id, kd_vocab, eos_id, rows_per_shard, chunk,
 
 
 def _check_layout_args(a, method):
-    """--vals is the top-k precision, --entropy the sampled one, both compact only; fills their defaults."""
-    if a.layout not in ("compact", "fixed"):
-        raise ConfigError(f"--layout {a.layout!r} unknown; use compact (default) or fixed")
+    """--vals is the top-k precision, --entropy the sampled one, both compact only (cache_layout.spec fills their
+    defaults)."""
     for flag, val, choices, needs in (("--vals", a.vals, cache_layout.VALS, "topk"),
                                       ("--entropy", a.entropy, cache_layout.ENTROPY, "sampled")):
         if val is not None and (method != needs or a.layout != "compact"):
