@@ -29,7 +29,6 @@ Prints tables, then one JSON line.
 import argparse
 import gc
 import json
-import math
 import os
 import shutil
 import sys
