@@ -9,7 +9,8 @@ the trainer's own micro-step (distillery/step.py) on a ZeRO-3 student engine bui
   lm_only            alpha = 0: CE only, no teacher (the fused head without teacher).
   online_kd          teacher forward (ZeRO-3 inference engine) + fused KD head, alpha = 0.2.
   cached_topk        no teacher: the step reads its rows' targets from an on-disk cache (CacheReader.take, K = 32
-                     top-k) and the loss is distillery/sparse_kd.py (sparse_mode tail), alpha = 0.2.
+                     top-k in the default compact layout) and the loss is distillery/sparse_kd.py (sparse_mode
+                     tail), alpha = 0.2.
   cached_sampled     the same with K = 32 sampled ids and the unbiased estimator.
 The cached variants route the sparse loss through the engine the way the trainer will: the bench registers
 `sparse_loss` as distillery.loss.IMPLS["sparse"] in its own process (loss_impl=sparse), so StudentWithLoss gathers
@@ -36,33 +37,27 @@ VARIANTS = ("lm_only", "online_kd", "cached_topk", "cached_sampled")
 
 
 def write_cache(cache_dir, s, teacher, bs, method, dev):
-    """A real cache directory (distillery/teacher_cache.py format) holding the bench batches' rows, made from the
-    teacher's logits at T = 1 by the generator's own encoders. Returns a CacheReader."""
-    import numpy as np
+    """A real cache directory (distillery/teacher_cache.py format, the default compact layout) holding the bench
+    batches' rows, made from the teacher's logits at T = 1 by the generator's own encoders. Returns a CacheReader."""
     import torch
-    from distillery import atomic
+    from distillery import cache_layout
     from distillery import teacher_cache as tc
-    S, n = s["seq"], len(bs) * s["mb"]
-    rec = np.empty(n, dtype=tc.record_dtype(S, K))
-    with torch.no_grad():
-        for b, x in enumerate(bs):
-            logp = torch.log_softmax(teacher(input_ids=x.to(dev)).logits.float().reshape(-1, s["vocab"]), -1)
-            if method == "topk":
-                ids, vals, rest = tc.encode_topk(logp, K)
-            else:
-                u = torch.cat([tc.row_uniforms(0, b * s["mb"] + r, S, K) for r in range(s["mb"])])
-                ids, vals, rest = tc.encode_sampled(logp, u)
-            sl = slice(b * s["mb"], (b + 1) * s["mb"])
-            rec["ids"][sl] = ids.cpu().reshape(s["mb"], S, K).numpy()
-            rec["vals"][sl] = vals.cpu().reshape(s["mb"], S, K).numpy()
-            rec["rest"][sl] = rest.cpu().reshape(s["mb"], S).numpy()
-    os.makedirs(os.path.join(cache_dir, tc.SHARD_DIR), exist_ok=True)
-    atomic.write_bytes(os.path.join(cache_dir, tc.shard_path(0)), rec.tobytes())
-    atomic.write_json(os.path.join(cache_dir, "index.json"), {
-        "format": tc.FORMAT, "version": tc.VERSION, "method": method, "k": K, "temperature": 1.0, "seed": 0,
-        "doc_mask": False, "kd_vocab": s["vocab"], "seq_len": S, "rows": n,
-        "files": [{"path": tc.shard_path(0), "first_row": 0, "rows": n, "bytes": rec.nbytes, "sha256": ""}]})
-    return tc.CacheReader(cache_dir)
+    S = s["seq"]
+
+    def batches():
+        with torch.no_grad():
+            for b, x in enumerate(bs):
+                logp = torch.log_softmax(teacher(input_ids=x.to(dev)).logits.float().reshape(-1, s["vocab"]), -1)
+                if method == "topk":
+                    ids, vals, rest = tc.encode_topk(logp, K)
+                else:
+                    u = torch.cat([tc.row_uniforms(0, b * s["mb"] + r, S, K) for r in range(s["mb"])])
+                    ids, vals, rest = tc.encode_sampled(logp, u)
+                yield (ids.cpu().reshape(s["mb"], S, K).numpy(), vals.cpu().reshape(s["mb"], S, K).numpy(),
+                       rest.cpu().reshape(s["mb"], S).numpy())
+    return tc.write_cache(cache_dir, {
+        "method": method, "k": K, "temperature": 1.0, "seed": 0, "doc_mask": False, "kd_vocab": s["vocab"],
+        "seq_len": S, "version": tc.VERSION, "layout": cache_layout.spec(tc.VERSION, method, s["vocab"])}, batches())
 
 
 def build(variant, s, dev):

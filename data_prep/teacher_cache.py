@@ -21,9 +21,13 @@ index)) do not depend on the world size or the teacher's placement, so the bytes
 Resume: a shard is written to a temporary name and renamed, then its record (rows, bytes, sha256) is written to
 progress/; a rerun with the same arguments checks every finished shard's size and checksum (each rank a share), redoes
 any that fail, and computes only the rest. index.json is written last: no index, no cache.
+
+Layout (distillery/cache_layout.py): --layout compact (default; --vals fp16|bf16|fp32 for top-k log-probs, --entropy
+fixed16|fp32 for the sampled entropy) or --layout fixed (v1: int32 ids, float32 values). An existing cache converts to
+another layout without the teacher, shard by shard (sources verified against their checksums first):
+    python -m data_prep.teacher_cache --convert data/offline-tc --out data/offline-tc-v2 [--layout ...]
 """
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -31,16 +35,22 @@ import time
 
 import numpy as np
 
-from distillery import atomic, shards
+from distillery import atomic, cache_layout, shards
 from distillery import teacher_cache as tc
 from distillery.errors import ConfigError, DataError, cli
 
 PROGRESS = "progress"
 
 
-def auto_rows_per_shard(seq_len, k):
-    """~1 GiB shards: few files at 50B tokens, little lost to a kill."""
-    return max(1, (2 ** 30) // (seq_len * tc.bytes_per_token(k)))
+def auto_rows_per_shard(seq_len, bytes_per_token):
+    """~1 GiB shards (at the layout's largest row): few files at 50B tokens, little lost to a kill."""
+    return max(1, int((2 ** 30) // (seq_len * bytes_per_token)))
+
+
+def layout_spec(a, kd_vocab):
+    """The compact layout's index entry for these arguments (None: the fixed layout)."""
+    version = cache_layout.COMPACT if a.layout == "compact" else cache_layout.FIXED
+    return version, cache_layout.spec(version, a.method, kd_vocab, vals=a.vals, entropy=a.entropy)
 
 
 def auto_chunk(vocab):
@@ -50,15 +60,34 @@ def auto_chunk(vocab):
 
 
 def fingerprint(a, data_id, teacher_id, kd_vocab, eos_id, rows_per_shard, chunk, bf16):
-    """Everything the bytes depend on; a rerun with another value is refused (delete --out or use another)."""
-    return {"teacher": teacher_id, "data": data_id, "k": a.k, "method": a.method, "temperature": a.temperature,
-            "seed": a.seed, "doc_mask": a.doc_mask, "eos_id": eos_id if a.doc_mask else None, "kd_vocab": kd_vocab,
-            "rows_per_shard": rows_per_shard, "batch_size": a.batch_size, "chunk": chunk, "bf16": bf16}
+    """Everything the bytes depend on; a rerun with another value is refused (delete --out or use another). The
+    fixed layout adds no key, so a v1 build (before issue 23) resumes with --layout fixed."""
+    fp = {"teacher": teacher_id, "data": data_id, "k": a.k, "method": a.method, "temperature": a.temperature,
+          "seed": a.seed, "doc_mask": a.doc_mask, "eos_id": eos_id if a.doc_mask else None, "kd_vocab": kd_vocab,
+          "rows_per_shard": rows_per_shard, "batch_size": a.batch_size, "chunk": chunk, "bf16": bf16}
+    layout = layout_spec(a, kd_vocab)[1]
+    return fp if layout is None else {**fp, "layout": layout}
+
+
+def _check_layout_args(a, method):
+    """--vals is the top-k precision, --entropy the sampled one, both compact only (cache_layout.spec fills their
+    defaults)."""
+    for flag, val, choices, needs in (("--vals", a.vals, cache_layout.VALS, "topk"),
+                                      ("--entropy", a.entropy, cache_layout.ENTROPY, "sampled")):
+        if val is not None and (method != needs or a.layout != "compact"):
+            raise ConfigError(f"{flag} sets the precision of a compact {needs} cache; drop it for a "
+                              f"{a.layout} {method} cache")
+        if val is not None and val not in choices:
+            raise ConfigError(f"{flag} {val!r} unknown; use one of {', '.join(choices)}")
 
 
 def _check_args(a):
     if a.teacher_offload:
         raise ConfigError("--teacher_offload was replaced by --teacher_placement offload")
+    for flag in ("teacher", "data", "k", "method"):
+        if getattr(a, flag) is None:
+            raise ConfigError(f"--{flag} is required to build a cache (or give --convert <cache> to convert one)")
+    _check_layout_args(a, a.method)
     if a.method not in tc.METHODS:
         raise ConfigError(f"--method {a.method!r} unknown; use topk or sampled")
     if a.k < 1:
@@ -70,57 +99,49 @@ def _check_args(a):
 
 
 class ShardWriter:
-    """One shard's file, written row record by row record under a temporary name (sha256 on the fly), renamed when
-    complete, then committed by its record in progress/."""
+    """One shard's file (cache_layout.ShardFile: temporary name, sha256 on the fly, renamed when complete), then
+    committed by its record in progress/."""
 
-    def __init__(self, out, j, first_row, rows, dtype):
-        self.out, self.j, self.first_row, self.rows, self.dtype = out, j, first_row, rows, dtype
+    def __init__(self, out, j, first_row, rows, layout):
+        self.out, self.j, self.first_row, self.rows = out, j, first_row, rows
         self.rel = tc.shard_path(j)
-        self.path = os.path.join(out, self.rel)
-        self.tmp = atomic.tmp_name(self.path)
-        self.f = open(self.tmp, "wb")
-        self.h = hashlib.sha256()
-        self.written = 0
+        self.file = cache_layout.ShardFile(os.path.join(out, self.rel), layout)
 
-    def write(self, rec):
-        b = rec.tobytes()
-        self.f.write(b)
-        self.h.update(b)
-        self.written += len(rec)
+    def write(self, packed):
+        self.file.write(*packed)
+
+    @property
+    def written(self):
+        return self.file.rows
 
     def close(self):
         assert self.written == self.rows, (self.written, self.rows)
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.path)
-        entry = {"path": self.rel, "first_row": self.first_row, "rows": self.rows,
-                 "bytes": self.rows * self.dtype.itemsize, "sha256": self.h.hexdigest()}
+        nbytes, sha = self.file.close()
+        entry = {"path": self.rel, "first_row": self.first_row, "rows": self.rows, "bytes": nbytes, "sha256": sha}
         atomic.write_json(os.path.join(self.out, PROGRESS, f"{self.j:05d}.json"), entry)
         return entry
 
     def abort(self):
-        self.f.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        self.file.abort()
 
 
-def _finished(out, j, n_rows, dtype):
-    """The committed record of shard j if its file is there with the right size, else None."""
+def _finished(out, j, n_rows):
+    """The committed record of shard j if its file is there with the size it records, else None."""
     meta = os.path.join(out, PROGRESS, f"{j:05d}.json")
     if not os.path.isfile(meta):
         return None
     with open(meta) as f:
         e = json.load(f)
     path = os.path.join(out, e["path"])
-    if e.get("rows") != n_rows or not os.path.isfile(path) or os.path.getsize(path) != n_rows * dtype.itemsize:
+    if e.get("rows") != n_rows or not os.path.isfile(path) or os.path.getsize(path) != e.get("bytes"):
         return None
     return e
 
 
-def encode_batch(h, w, rows, a, chunk, v, seq_len):
-    """h [b, S, H] teacher hidden states, w [>=v, H] its output weight -> record array [b] (numpy). Logits chunk by
-    chunk over the flattened positions; the sampling uniforms come per row from (seed, row index)."""
+def encode_batch(h, w, rows, a, chunk, v, seq_len, layout):
+    """h [b, S, H] teacher hidden states, w [>=v, H] its output weight -> the rows packed by `layout` (bytes, row
+    lengths). Logits chunk by chunk over the flattened positions; the sampling uniforms come per row from (seed, row
+    index)."""
     import torch
     b = h.shape[0]
     hf = h.reshape(b * seq_len, -1)
@@ -138,11 +159,57 @@ def encode_batch(h, w, rows, a, chunk, v, seq_len):
         else:
             i, x, r = tc.encode_sampled(logp, u[s:e])
         ids[s:e], vals[s:e], rest[s:e] = i.cpu(), x.cpu(), r.cpu()
-    rec = np.empty(b, dtype=tc.record_dtype(seq_len, a.k))
-    rec["ids"] = ids.reshape(b, seq_len, a.k).numpy()
-    rec["vals"] = vals.reshape(b, seq_len, a.k).numpy()
-    rec["rest"] = rest.reshape(b, seq_len).numpy()
-    return rec
+    return layout.pack(ids.reshape(b, seq_len, a.k).numpy(), vals.reshape(b, seq_len, a.k).numpy(),
+                       rest.reshape(b, seq_len).numpy())
+
+
+def convert(a):
+    """Rewrite the cache a.convert into a.out in the layout the arguments name, shard by shard (each source shard's
+    checksum verified first; the same rows per shard), into a temporary directory renamed onto a.out at the end: a
+    killed conversion leaves no a.out. Converted equals built: the same shard bytes and index entries as a build with
+    these arguments (tests/test_teacher_cache.py). Returns the new index."""
+    for flag in ("teacher", "data", "k", "method"):
+        if getattr(a, flag) is not None:
+            raise ConfigError(f"--convert takes the cache's own settings; drop --{flag}")
+    src = tc.CacheReader(a.convert)
+    ix = src.index
+    _check_layout_args(a, ix["method"])
+    if os.path.exists(a.out):
+        raise DataError(f"{a.out} exists; delete it or pick another --out for the converted cache")
+    a.method = ix["method"]
+    version, spec = layout_spec(a, src.kd_vocab)
+    layout = cache_layout.layout_of(ix["method"], src.k, src.seq_len, src.kd_vocab, version, spec)
+    chunk = max(1, 2 ** 24 // (src.seq_len * src.k))                  # rows per read: ~128 MiB of int64 ids
+    say = (lambda *x: print(*x, file=sys.stderr, flush=True)) if not a.quiet else (lambda *x: None)
+    files = []
+    with atomic.atomic_path(a.out) as tmp:
+        for e in ix["files"]:
+            if shards.sha256_file(os.path.join(a.convert, e["path"])) != e["sha256"]:
+                raise DataError(f"teacher cache shard {os.path.join(a.convert, e['path'])} fails its checksum "
+                                f"(corrupt); rebuild the cache before converting it")
+            w = cache_layout.ShardFile(os.path.join(tmp, e["path"]), layout)
+            try:
+                r0, r1 = int(e["first_row"]), int(e["first_row"]) + int(e["rows"])
+                for r in range(r0, r1, chunk):
+                    ids, vals, rest = src.take(np.arange(r, min(r1, r + chunk)))
+                    w.write(*layout.pack(ids.numpy(), vals.numpy(), rest.numpy()))
+                nbytes, sha = w.close()
+            except BaseException:
+                w.abort()
+                raise
+            files.append({"path": e["path"], "first_row": r0, "rows": r1 - r0, "bytes": nbytes, "sha256": sha})
+        build = {k: v for k, v in (ix.get("build") or {}).items() if k != "layout"}
+        build = {**build, "layout": spec} if spec else build
+        storage = tc.storage_entries(version, spec, ix["method"], src.seq_len, src.k, files)
+        keep = {k: v for k, v in ix.items() if k not in ("version", "layout", "record", "bytes_per_token", "files",
+                                                         "tokens", "bytes", "build")}
+        index = {**keep, **storage, "build": build, "converted_from": {"path": os.path.abspath(a.convert),
+                                                                         "version": ix["version"],
+                                                                         "bytes": ix["bytes"]}}
+        atomic.write_json(os.path.join(tmp, "index.json"), index)
+    say(f"converted {a.convert} (v{ix['version']}, {ix['bytes']:,} bytes) -> {a.out} ({cache_layout.NAMES[version]} "
+        f"v{version}, {index['bytes']:,} bytes = {index['bytes_per_token']:.2f} bytes/token)")
+    return index
 
 
 def run(a):
@@ -162,7 +229,9 @@ def run(a):
         raise DataError(f"document masking needs the data's EOS id and {a.data}/index.json has none; rebuild the "
                         f"data with data_prep, or pass --no_doc_mask (and train with doc_mask=false)")
     teacher_id = tc.teacher_identity(a.teacher)
-    rows_per_shard = a.rows_per_shard or auto_rows_per_shard(S, a.k)
+    version, spec = layout_spec(a, kd_vocab)
+    layout = cache_layout.layout_of(a.method, a.k, S, kd_vocab, version, spec)
+    rows_per_shard = a.rows_per_shard or auto_rows_per_shard(S, layout.max_bytes_per_token())
     chunk = a.chunk_size or auto_chunk(kd_vocab)
     from distillery.engines import load_ds_config
     ds_base = load_ds_config(a.ds_config)
@@ -173,6 +242,11 @@ def run(a):
     index_path = os.path.join(a.out, "index.json")
     if os.path.isfile(index_path):
         have = tc.read_cache_index(a.out)
+        if have["version"] != version:
+            name = cache_layout.NAMES[have["version"]]
+            raise DataError(f"{a.out} already holds a teacher cache in the {name} layout (v{have['version']}); convert "
+                            f"it with `python -m data_prep.teacher_cache --convert {a.out} --out <new dir>`, or rerun "
+                            f"with --layout {name}")
         if have.get("build") != fp:
             raise DataError(f"{a.out} already holds a teacher cache built with other arguments; delete it or pick "
                             f"another --out")
@@ -195,7 +269,6 @@ def run(a):
     import torch.distributed as dist
     from distillery.launch import init_distributed
     rank, world = init_distributed()
-    dtype = tc.record_dtype(S, a.k)
     n_shards = -(-R // rows_per_shard)
     bounds = [(j * rows_per_shard, min(R, (j + 1) * rows_per_shard)) for j in range(n_shards)]
     if rank == 0:
@@ -210,7 +283,7 @@ def run(a):
     dist.barrier()
 
     # finished shards: size from the record, checksum re-read (each rank a share); a bad one is redone
-    done = {j: e for j in range(n_shards) if (e := _finished(a.out, j, bounds[j][1] - bounds[j][0], dtype))}
+    done = {j: e for j in range(n_shards) if (e := _finished(a.out, j, bounds[j][1] - bounds[j][0]))}
     mine = sorted(done)[rank::world]
     bad = [j for j in mine if shards.sha256_file(os.path.join(a.out, done[j]["path"])) != done[j]["sha256"]]
     every = [None] * world
@@ -255,6 +328,7 @@ def run(a):
 
     writer, written, t0, last = None, 0, time.time(), 0.0
     local_rows = torch.zeros(1, dtype=torch.int64)
+    local_bytes = 0                                   # this rank's row bytes so far (the progress line's bytes/token)
     try:
         for step in range(n_steps):
             job = batches[step] if step < len(batches) else None
@@ -267,12 +341,13 @@ def run(a):
             with torch.no_grad():
                 h = engine(x, position_ids=pos)
                 with deepspeed.zero.GatheredParameters([w_head], modifier_rank=None):
-                    rec = encode_batch(h, w_head, range(r0, r1), a, chunk, kd_vocab, S) if job else None
+                    rec = encode_batch(h, w_head, range(r0, r1), a, chunk, kd_vocab, S, layout) if job else None
             if job is not None:
                 if writer is None:
-                    writer = ShardWriter(a.out, j, bounds[j][0], bounds[j][1] - bounds[j][0], dtype)
+                    writer = ShardWriter(a.out, j, bounds[j][0], bounds[j][1] - bounds[j][0], layout)
                 writer.write(rec)
                 local_rows += r1 - r0
+                local_bytes += int(rec[1].sum())
                 if r1 == bounds[j][1]:
                     writer.close()
                     writer = None
@@ -287,8 +362,9 @@ def run(a):
                 tok = int(tot.item()) * S
                 rate = tok / max(now - t0, 1e-9)
                 left = (todo_rows * S - tok) / rate if rate > 0 else float("inf")
+                bpt = local_bytes / max(1, int(local_rows.item()) * S)
                 say(f"[teacher_cache] {tok:,}/{todo_rows * S:,} tokens  {rate:,.0f} tok/s  ETA {left:,.0f}s  "
-                    f"{tc.bytes_per_token(a.k)} bytes/token")
+                    f"{bpt:.2f} bytes/token")
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -299,30 +375,24 @@ def run(a):
     if rank == 0:
         files = []
         for j in range(n_shards):
-            e = _finished(a.out, j, bounds[j][1] - bounds[j][0], dtype)
+            e = _finished(a.out, j, bounds[j][1] - bounds[j][0])
             if e is None:
                 raise DataError(f"shard {tc.shard_path(j)} of {a.out} is missing after the build (another process "
                                 f"removed it?); rerun the same command")
             files.append(e)
-        nbytes = sum(e["bytes"] for e in files)
-        index = {"format": tc.FORMAT, "version": tc.VERSION, "method": a.method, "k": a.k,
+        index = {"format": tc.FORMAT, "method": a.method, "k": a.k,
                  "temperature": a.temperature, "seed": a.seed, "doc_mask": a.doc_mask,
                  "eos_id": eos_id if a.doc_mask else None, "kd_vocab": kd_vocab, "seq_len": S, "rows": R,
                  "rows_per_shard": rows_per_shard, "teacher": teacher_id, "data": data_id,
-                 "record": {"ids": f"int32 [{S}, {a.k}]", "vals": f"float32 [{S}, {a.k}]", "rest": f"float32 [{S}]",
-                            "vals_meaning": ("log p_t^T(id), descending" if a.method == "topk" else
-                                             "weight count/K of id (distinct ids first)"),
-                            "rest_meaning": ("log teacher mass outside the ids (-inf: none)" if a.method == "topk"
-                                             else "teacher entropy H(p_t^T), nats")},
-                 "bytes_per_token": tc.bytes_per_token(a.k), "build": fp, "files": files, "tokens": R * S,
-                 "bytes": nbytes}
+                 **tc.storage_entries(version, spec, a.method, S, a.k, files), "build": fp}
+        nbytes = index["bytes"]
         atomic.write_json(index_path, index)
         for fn in os.listdir(os.path.join(a.out, PROGRESS)):
             os.remove(os.path.join(a.out, PROGRESS, fn))
         os.rmdir(os.path.join(a.out, PROGRESS))
         dt = time.time() - t_start
         say(f"built {a.out} in {dt:.1f}s: {R:,} rows x {S} tokens, {a.method} k={a.k} T={a.temperature:g}, "
-            f"{nbytes:,} bytes = {tc.bytes_per_token(a.k)} bytes/token")
+            f"{nbytes:,} bytes = {index['bytes_per_token']:.2f} bytes/token ({cache_layout.NAMES[version]} layout)")
     dist.barrier()
     return index if index is not None else tc.read_cache_index(a.out)
 
@@ -333,11 +403,19 @@ def parse_args(argv=None):
     gpu = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", required=True, help="Hugging Face-format teacher directory")
-    ap.add_argument("--data", required=True, help="data set (data_prep output); its 'train' rows are cached")
+    ap.add_argument("--teacher", help="Hugging Face-format teacher directory (required to build)")
+    ap.add_argument("--data", help="data set (data_prep output); its 'train' rows are cached (required to build)")
     ap.add_argument("--out", required=True, help="cache directory")
-    ap.add_argument("--k", type=int, required=True, help="entries per position")
-    ap.add_argument("--method", required=True, choices=tc.METHODS)
+    ap.add_argument("--k", type=int, help="entries per position (required to build)")
+    ap.add_argument("--method", choices=tc.METHODS, help="(required to build)")
+    ap.add_argument("--layout", default="compact", choices=("compact", "fixed"),
+                    help="compact (default: packed ids, distinct sampled ids, 16-bit values) or fixed (v1: int32 + "
+                         "float32); distillery/cache_layout.py")
+    ap.add_argument("--vals", choices=cache_layout.VALS, help="compact top-k: log-prob precision (default fp16)")
+    ap.add_argument("--entropy", choices=cache_layout.ENTROPY,
+                    help="compact sampled: entropy precision (default fixed16; fp32 keeps loss values bit-identical)")
+    ap.add_argument("--convert", metavar="CACHE", help="rewrite an existing cache into --out in the layout the "
+                                                        "arguments name (no teacher needed)")
     ap.add_argument("--temperature", type=float, default=1.0, help="the run's temperature (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (sampled)")
     ap.add_argument("--no_doc_mask", dest="doc_mask", action="store_false",
@@ -360,7 +438,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return run(parse_args(argv))
+    a = parse_args(argv)
+    return convert(a) if a.convert else run(a)
 
 
 if __name__ == "__main__":

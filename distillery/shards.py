@@ -70,14 +70,16 @@ def read_index(data_dir):
 
 def read_versioned(path, fmt, version, what, tool):
     """An existing index.json of format `fmt` v`version`, or a one-line DataError naming `tool` to rebuild `what`
-    with: corrupt JSON, or another format or version. (Data sets here; teacher caches in teacher_cache.py.)"""
+    with: corrupt JSON, or another format or version (`version`: one int, or a tuple of the versions read). (Data sets
+    here; teacher caches in teacher_cache.py.)"""
     try:
         with open(path) as f:
             index = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"corrupt {path}: {e}; rebuild {what} with {tool}") from None
-    if index.get("format") != fmt or index.get("version") != version:
-        raise DataError(f"{path} is not a {fmt} v{version} index (got {index.get('format')} "
+    versions = version if isinstance(version, tuple) else (version,)
+    if index.get("format") != fmt or index.get("version") not in versions:
+        raise DataError(f"{path} is not a {fmt} v{'/v'.join(map(str, versions))} index (got {index.get('format')} "
                         f"v{index.get('version')}); rebuild it with this version of {tool}")
     return index
 

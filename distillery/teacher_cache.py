@@ -6,14 +6,16 @@ A cache directory looks like
     <cache>/index.json              what is here (below); written last, atomically: no index, no cache
     <cache>/shards/00000.bin        rows [first_row, first_row + rows) of the training split, one record per row
 
-Record of a row (seq_len S, K entries per position, little-endian, no padding), numpy dtype `record_dtype(S, K)`:
-    ids   int32   [S, K]   token ids (< kd_vocab)
-    vals  float32 [S, K]   topk: log p_t^T(id), sorted descending;  sampled: weight of id (count / K)
-    rest  float32 [S]      topk: log of the teacher's mass outside the K ids (-inf when K = kd_vocab);
-                           sampled: the teacher's entropy H(p_t^T) in nats (exact, so kd_sum can report a KL)
-Position t of a row holds the teacher's distribution at temperature T for predicting token t + 1 (the target at t,
-distillery.loss_parts.shift_targets); the last position (no target) is stored too, so rows stay aligned with the
-training rows position for position. Bytes per token: 8 K + 4.
+What a row holds (seq_len S, K entries per position), as `CacheReader.take` hands it to the loss:
+    ids   [S, K]   token ids (< kd_vocab)
+    vals  [S, K]   topk: log p_t^T(id), sorted descending;  sampled: weight of id (count / K)
+    rest  [S]      topk: log of the teacher's mass outside the K ids (-inf when K = kd_vocab);
+                   sampled: the teacher's entropy H(p_t^T) in nats (so kd_sum can report a KL)
+How a shard stores it: index.json's "version" names the layout (distillery/cache_layout.py): v1 "fixed", int32 ids and
+float32 values, 8 K + 4 bytes per token; v2 "compact" (new caches), bit-packed ids, a sampled position's distinct ids
+and their counts only, 16-bit values, and a row offset table per shard. Position t of a row holds the teacher's
+distribution at temperature T for predicting token t + 1 (the target at t, distillery.loss_parts.shift_targets); the
+last position (no target) is stored too, so rows stay aligned with the training rows position for position.
 
 Sampled: K ids drawn i.i.d. with replacement from p_t^T (inverse CDF on float64 uniforms from a numpy PCG64 stream
 seeded by (seed, global row index), so a row's draws do not depend on the world size, batch or chunking). The
@@ -21,17 +23,17 @@ distinct ids are stored first, ascending, with weight count / K; the unused slot
 sum_k w_k f(id_k) is then an unbiased estimate of E_{p_t^T}[f] for any f (Anshumann et al., ACL 2025, 'Random
 Sampling KD' with the teacher as its own proposal, so every importance weight is 1 / K).
 
-Value precision: float32 values cost 4 bytes; bf16 log-probs would carry a relative error 2^-9 (0.02 nats at
-log p = -10, i.e. a 2 % error on that probability) and fp16 2^-11 (0.5 %); sampled weights count / K are exact in
-bf16 for K <= 256 (and ids need int32 above 65536 tokens). We keep float32: the loss then sees the teacher's
-distribution to fp32 rounding, which is what makes K = vocab equal online KD.
+Value precision (compact layout; cache_layout.py): sampled ids and weights are exact (bit-identical gradients), the
+entropy is fp32 or fixed16 (within ln(kd_vocab) / 131070 nats); top-k log-probs are fp16 by default (measured: ~3e-4
+relative on the gradients), or fp32, with which a K = vocab cache equals online KD to fp32 rounding.
 
 index.json:
-    {"format": "distillery.teacher_cache", "version": 1, "method": "topk" | "sampled", "k": K, "temperature": T,
+    {"format": "distillery.teacher_cache", "version": 1 | 2, "method": "topk" | "sampled", "k": K, "temperature": T,
      "seed": s, "doc_mask": bool, "eos_id": id, "kd_vocab": v, "seq_len": S, "rows": R, "rows_per_shard": N,
      "teacher": {"path", "config_sha256", "weights_sha256", "model_type", "vocab_size", "config"},
      "data": {"dir", "tokenizer", "vocab_hash", "split": "train", "seq_len", "rows", "shards_digest"},
-     "record": {...}, "bytes_per_token": 8K + 4, "build": {...generator settings...},
+     "layout": {...} (v2: cache_layout.spec), "record": {...}, "bytes_per_token": bytes / tokens,
+     "build": {...generator settings...},
      "files": [{"path": "shards/00000.bin", "first_row", "rows", "bytes", "sha256"}], "tokens", "bytes"}
 `shards_digest` is the sha256 of the training split's file list (paths, token counts, sha256s): another data set, a
 rebuilt one, or the same rows cut differently all change it.
@@ -44,22 +46,32 @@ import os
 import numpy as np
 import torch
 
-from distillery import shards
+from distillery import atomic, cache_layout, shards
+from distillery.cache_layout import merge_sorted_draws
 from distillery.errors import ConfigError, DataError
 
-FORMAT, VERSION = "distillery.teacher_cache", 1
+FORMAT = "distillery.teacher_cache"
+VERSION = cache_layout.COMPACT                          # the layout new caches get
+VERSIONS = (cache_layout.FIXED, cache_layout.COMPACT)   # the layouts the reader reads
 METHODS = ("topk", "sampled")
 SHARD_DIR = "shards"
 
 
 # ---------------------------------------------------------------------------- format
 def record_dtype(seq_len, k):
-    """numpy dtype of one row's record."""
-    return np.dtype([("ids", "<i4", (seq_len, k)), ("vals", "<f4", (seq_len, k)), ("rest", "<f4", (seq_len,))])
+    """numpy dtype of one row's record in the v1 fixed layout."""
+    return cache_layout.Fixed("topk", k, seq_len, 1).dtype
 
 
 def bytes_per_token(k):
+    """Bytes per token of the v1 fixed layout (the compact layout's depend on the data: the index says them)."""
     return 8 * int(k) + 4
+
+
+def layout_of(ix):
+    """The row codec (distillery/cache_layout.py) of the cache whose index is ix."""
+    return cache_layout.layout_of(ix["method"], ix["k"], ix["seq_len"], ix["kd_vocab"], ix["version"],
+                                  ix.get("layout"))
 
 
 def shard_path(j):
@@ -103,6 +115,44 @@ def _teacher_config(teacher_dir):
     return conf, hashlib.sha256(json.dumps(conf, sort_keys=True).encode()).hexdigest()
 
 
+def storage_entries(version, spec, method, S, k, files):
+    """The index entries that describe how the rows are stored: version, layout, record, files, bytes, tokens."""
+    if version == cache_layout.FIXED:
+        record = {"ids": f"int32 [{S}, {k}]", "vals": f"float32 [{S}, {k}]", "rest": f"float32 [{S}]"}
+    elif method == "topk":
+        record = {"rest": f"{spec['vals']} [{S}]", "vals": f"{spec['vals']} [{S}, {k}]",
+                  "ids": f"{spec['id_bits']}-bit packed [{S}, {k}]", "table": "uint64 [rows + 1] row offsets"}
+    else:
+        record = {"rest": f"{spec['rest']} [{S}]", "mask": f"{k - 1} bits per position: sorted draw j starts a new id",
+                  "ids": f"{spec['id_bits']}-bit packed, the distinct ids of each position, ascending",
+                  "table": "uint64 [rows + 1] row offsets"}
+    record["vals_meaning"] = ("log p_t^T(id), descending" if method == "topk" else
+                              "weight count/K of id (distinct ids first)")
+    record["rest_meaning"] = ("log teacher mass outside the ids (-inf: none)" if method == "topk" else
+                              "teacher entropy H(p_t^T), nats")
+    nbytes, tokens = sum(e["bytes"] for e in files), sum(e["rows"] for e in files) * S
+    out = {"version": version, **({"layout": spec} if spec else {}), "record": record,
+           "bytes_per_token": round(nbytes / max(1, tokens), 4), "files": files, "tokens": tokens, "bytes": nbytes}
+    return out
+
+
+def write_cache(cache_dir, index, batches):
+    """A one-shard cache from rows already encoded (benches; the builder is data_prep/teacher_cache.py): index holds
+    method, k, seq_len, kd_vocab, temperature, doc_mask, version and (compact) layout; batches yields (ids [b, S, K],
+    vals [b, S, K], rest [b, S]) numpy arrays. Returns its CacheReader."""
+    layout = layout_of(index)
+    f = cache_layout.ShardFile(os.path.join(cache_dir, shard_path(0)), layout)
+    for ids, vals, rest in batches:
+        f.write(*layout.pack(ids, vals, rest))
+    rows = f.rows
+    nbytes, sha = f.close()
+    files = [{"path": shard_path(0), "first_row": 0, "rows": rows, "bytes": nbytes, "sha256": sha}]
+    atomic.write_json(os.path.join(cache_dir, "index.json"), {
+        "format": FORMAT, "rows": rows, **index,
+        **storage_entries(index["version"], index.get("layout"), index["method"], index["seq_len"], index["k"], files)})
+    return CacheReader(cache_dir)
+
+
 # ---------------------------------------------------------------------------- encoders (generator and tests)
 def encode_topk(logp, k):
     """logp [C, V] fp32 log-probs at temperature T -> (ids int32 [C, k], vals fp32 [C, k] descending, rest fp32 [C]):
@@ -134,15 +184,7 @@ def encode_sampled(logp, u):
     # right=True: a uniform never lands on a token whose cdf step is empty (zero probability)
     draws = torch.searchsorted(cdf, u, right=True).clamp_(max=logp.shape[-1] - 1)   # [C, K]
     s, _ = draws.sort(-1)
-    first = torch.ones_like(s, dtype=torch.bool)
-    first[:, 1:] = s[:, 1:] != s[:, :-1]
-    slot = first.long().cumsum(-1) - 1                                               # distinct-id rank of each draw
-    K = s.shape[-1]
-    counts = torch.zeros(s.shape, dtype=torch.float64, device=s.device).scatter_add_(
-        -1, slot, torch.ones(s.shape, dtype=torch.float64, device=s.device))
-    # every draw writes its id into its slot (draws sharing a slot write the same id); unused slots keep the first id
-    ids = s[:, :1].expand_as(s).clone().scatter_(-1, slot, s)
-    w = (counts / K).float()
+    ids, w = merge_sorted_draws(s)
     entropy = -(p * logp.float()).nan_to_num(0.0).sum(-1)
     return ids.int(), w, entropy.float()
 
@@ -155,12 +197,14 @@ def read_cache_index(cache_dir):
                 if os.path.isdir(os.path.join(cache_dir, "progress")) else "")
         raise DataError(f"no teacher cache at {cache_dir!r} (missing index.json){hint}; build it with "
                         f"`python -m data_prep.teacher_cache --teacher <dir> --data <dir> --out {cache_dir} ...`")
-    return shards.read_versioned(path, FORMAT, VERSION, "the cache", "data_prep.teacher_cache")
+    return shards.read_versioned(path, FORMAT, VERSIONS, "the cache", "data_prep.teacher_cache")
 
 
 class CacheReader:
     """Random access to a teacher cache, aligned with distillery.shards.TokenRows rows (same global row indices, as
-    distillery.sampler.GlobalOrder returns them).
+    distillery.sampler.GlobalOrder returns them). Either layout (index.json's version; distillery/cache_layout.py):
+    take() hands the loss the same tensors. Reading rows touches only their bytes (and, compact, their two entries
+    of the shard's offset table): shards are memory-mapped.
 
         reader = CacheReader(cfg.teacher_cache)
         reader.check(cfg.data, cfg.temperature, cfg.doc_mask)                 # one-line DataError / ConfigError
@@ -173,25 +217,28 @@ class CacheReader:
         self.index = ix = read_cache_index(cache_dir)
         self.method, self.k, self.temperature = ix["method"], int(ix["k"]), float(ix["temperature"])
         self.seq_len, self.kd_vocab, self.doc_mask = int(ix["seq_len"]), int(ix["kd_vocab"]), bool(ix["doc_mask"])
-        self.dtype = record_dtype(self.seq_len, self.k)
-        self.maps, starts = [], [0]
+        self.layout = layout_of(ix)
+        self.maps, self.offsets, starts = [], [], [0]
         for e in ix["files"]:
             path = os.path.join(cache_dir, e["path"])
             if not os.path.isfile(path):
                 raise DataError(f"teacher cache shard {path} is missing; rerun data_prep.teacher_cache with the same "
                                 f"arguments to rebuild it")
-            want = int(e["rows"]) * self.dtype.itemsize
-            if os.path.getsize(path) != want:
-                raise DataError(f"teacher cache shard {path} has {os.path.getsize(path)} bytes, index says {want} "
-                                f"(truncated or replaced); delete it and rerun data_prep.teacher_cache")
+            rows = int(e["rows"])
+            if not self.layout.table and int(e["bytes"]) != rows * self.layout.row_bytes:
+                raise DataError(f"teacher cache index {cache_dir}/index.json says shard {e['path']} holds "
+                                f"{e['bytes']} bytes for {rows} rows of {self.layout.row_bytes} (corrupt index); "
+                                f"rebuild the cache")
             if verify and shards.sha256_file(path) != e["sha256"]:
                 raise DataError(f"teacher cache shard {path} fails its checksum (corrupt); delete it and rerun "
                                 f"data_prep.teacher_cache")
             if int(e["first_row"]) != starts[-1]:
                 raise DataError(f"teacher cache {cache_dir}: shard {e['path']} starts at row {e['first_row']}, "
                                 f"expected {starts[-1]}; rebuild the cache")
-            self.maps.append(np.memmap(path, dtype=self.dtype, mode="r"))
-            starts.append(starts[-1] + int(e["rows"]))
+            mm, offs = cache_layout.open_shard(path, rows, int(e["bytes"]), self.layout)
+            self.maps.append(mm)
+            self.offsets.append(offs)
+            starts.append(starts[-1] + rows)
         self.starts = np.asarray(starts, dtype=np.int64)
         if self.starts[-1] != int(ix["rows"]):
             raise DataError(f"teacher cache {cache_dir} holds {self.starts[-1]} rows, index says {ix['rows']}; "
@@ -284,25 +331,40 @@ class CacheReader:
         raise ConfigError(f"teacher cache {self.dir!r} predates stored teacher configs and its teacher "
                           f"{t['path']!r} is not here, so the FLOPs of its forward are unknown; rebuild the cache")
 
-    def records(self, rows):
-        """Raw records (numpy structured array [n]) of the given global row indices."""
+    def row_bytes(self, rows):
+        """The stored bytes of the given global row indices, back to back (+ cache_layout.PAD zeros), and each row's
+        [start, end) in them. Only those rows' bytes (and their offset-table entries) are read."""
         idx = np.asarray(rows, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"row index out of range [0, {len(self)})")
         files = np.searchsorted(self.starts, idx, side="right") - 1
-        out = np.empty(idx.size, dtype=self.dtype)
-        for j, (f, i) in enumerate(zip(files.tolist(), idx.tolist())):
-            out[j] = self.maps[f][i - int(self.starts[f])]
-        return out
+        local = idx - self.starts[files]
+        lo, hi = np.empty(idx.size, np.int64), np.empty(idx.size, np.int64)
+        for f in np.unique(files).tolist():
+            sel = files == f
+            if self.layout.table:
+                lo[sel], hi[sel] = self.offsets[f][local[sel]], self.offsets[f][local[sel] + 1]
+            else:
+                lo[sel] = local[sel] * self.layout.row_bytes
+                hi[sel] = lo[sel] + self.layout.row_bytes
+        lens = hi - lo
+        ends = np.cumsum(lens)
+        starts = ends - lens
+        buf = np.empty(int(ends[-1] if idx.size else 0) + cache_layout.PAD, dtype=np.uint8)
+        buf[buf.size - cache_layout.PAD:] = 0
+        for f, a, b, s in zip(files.tolist(), lo.tolist(), hi.tolist(), starts.tolist()):
+            if b < a or b > self.maps[f].size:
+                raise DataError(f"teacher cache {self.dir}: the row table of {self.index['files'][f]['path']} "
+                                f"points outside the shard (corrupt); delete it and rerun data_prep.teacher_cache")
+            buf[s:s + b - a] = self.maps[f][a:b]
+        return buf, starts, ends
 
     def take(self, rows, k=None):
         """(ids int64 [n, S, K], vals float32 [n, S, K], rest float32 [n, S]) of the given global row indices.
         vals/rest mean what the module docstring says for the cache's method. `k` < K (top-k only) keeps the k most
         likely entries and folds the others into rest, which is exactly the top-k cache of that k."""
-        rec = self.records(rows)
-        ids = torch.from_numpy(rec["ids"].astype(np.int64))
-        vals = torch.from_numpy(np.ascontiguousarray(rec["vals"]))
-        rest = torch.from_numpy(np.ascontiguousarray(rec["rest"]))
+        buf, starts, ends = self.row_bytes(rows)
+        ids, vals, rest = self.layout.unpack(buf, starts, ends)
         if k is not None and int(k) != self.k:
             k = int(k)
             if self.method != "topk" or not 1 <= k <= self.k:
