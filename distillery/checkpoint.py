@@ -3,7 +3,7 @@
 Layout: {run_dir}/checkpoints/step00000100/ (DeepSpeed's files + manifest.json) and {run_dir}/checkpoints/latest
 (a tag name). A save goes
 
-    engine.save_checkpoint -> tmp-step00000100/   (every rank; an OSError here is a one-line TrainingError)
+    engine.save_checkpoint -> tmp-step00000100/   (every rank; a failed write here is a one-line TrainingError)
     barrier; sha256 of every file (split over the ranks) -> manifest.json in the tmp dir (rank 0)
     rename tmp-step00000100 -> step00000100; `latest` <- step00000100 (atomic); prune to keep_last
 
@@ -21,7 +21,6 @@ and the run re-reaches (and overwrites) them. `load` refuses a world-size change
 Needs a filesystem shared by all ranks (as DeepSpeed's ZeRO-3 resume does).
 `python -m distillery.checkpoint runs/<name>/checkpoints` verifies every checkpoint of a run and prints one line each.
 """
-import errno
 import json
 import os
 import re
@@ -212,16 +211,26 @@ def _sweep_tmp(d):
             atomic._remove(os.path.join(d, name))
 
 
-def _save_error(e, d, tag, prev):
+def _save_error(failure, tag, prev):
+    """The one-line message of a save that failed with atomic.write_failure's (no_space, what)."""
+    no_space, what = failure
     keep = f"the previous checkpoint {prev} and `latest` are untouched (resume=auto)" if prev else \
         "no earlier checkpoint exists"
-    if getattr(e, "errno", None) == errno.ENOSPC:
-        what = f"no space left on {d}"
-        fix = "free space or move out_dir, lower keep_last"
-    else:
-        what = f"cannot write {d}: {_one_line(e.strerror or e)}" + (f" ({e.filename})" if e.filename else "")
-        fix = "fix the directory (permissions, mount)"
+    fix = "free space or move out_dir, lower keep_last" if no_space else "fix the directory (permissions, mount)"
     return f"checkpoint {tag} not saved: {what}; {fix}; {keep}"
+
+
+def _short_of_space(d, prev):
+    """(True, what) when the filesystem of `d` has less free space than the last checkpoint `prev` took (a save of
+    the same model needs as much, before the prune), else None. Refusing here writes nothing; without a previous
+    checkpoint, or where the filesystem does not report its free space, the save goes ahead and a full disk is
+    caught as it fails."""
+    m, _ = read_manifest(os.path.join(d, prev)) if prev else (None, None)
+    free = atomic.free_bytes(d)
+    need = sum(e["bytes"] for e in m["files"]) if m else 0
+    if free is not None and free < need:
+        return True, f"not enough space on {d} ({free} bytes free, the last checkpoint {prev} took {need})"
+    return None
 
 
 def read_latest(d):
@@ -236,27 +245,39 @@ def read_latest(d):
 
 def save(engine, cfg, step, client_state, keep_last=None):
     """Every rank: write checkpoint `step`, verify-able (manifest.json), commit it (`latest`), prune older ones to
-    keep_last (default cfg.keep_last, else 3; 0 keeps all). Returns its path. An OSError while writing (disk full,
-    permissions) is a one-line TrainingError on the failing rank(s), with its temporary files removed (rank 0) and
-    the previous checkpoint and `latest` left usable."""
+    keep_last (default cfg.keep_last, else 3; 0 keeps all). Returns its path. Less free space than the last
+    checkpoint took is refused before anything is written; a failed write (disk full: an OSError, or torch's zip
+    writer's RuntimeError; permissions) is a one-line TrainingError on the failing rank(s), with its temporary files
+    removed (rank 0) and the previous checkpoint and `latest` left usable."""
     d = ckpt_dir(cfg)
     tag, tmp_tag = tag_for(step), TMP_PREFIX + tag_for(step)
     tmp, final = os.path.join(d, tmp_tag), os.path.join(d, tag)
     rank, world = _dist()
     prev = read_latest(d)
+    failure = None
     if rank == 0:
-        os.makedirs(d, exist_ok=True)
-        _sweep_tmp(d)
-    _barrier()
+        try:
+            os.makedirs(d, exist_ok=True)
+            _sweep_tmp(d)
+            failure = _short_of_space(d, prev)
+        except OSError as e:
+            failure = atomic.write_failure(e, d)
+    failure = _bcast(failure)  # rank 0's verdict on every rank; also the barrier before anyone writes
+    if failure:
+        raise TrainingError(_save_error(failure, tag, prev))
     state = dict(client_state, torch_rng=torch.get_rng_state())
     try:
         engine.save_checkpoint(d, tag=tmp_tag, client_state=state, save_latest=False)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # A real full disk fails inside torch's zip writer as a RuntimeError, not an OSError (atomic.write_failure).
         # No collective after a failure: another rank may have succeeded and wait in DeepSpeed's barrier; this
         # rank exits with the message and the launcher stops the others. The next save sweeps any leftovers.
+        failure = atomic.write_failure(e, d)  # before the partial files go: removing them frees the space
+        if failure is None:
+            raise
         if rank == 0:
             atomic._remove(tmp)
-        raise TrainingError(_save_error(e, d, tag, prev)) from None
+        raise TrainingError(_save_error(failure, tag, prev)) from None
     _barrier()
     rels = _bcast(list_files(tmp) if rank == 0 else None)
     digests = _hash_all_ranks(tmp, rels)
@@ -271,7 +292,7 @@ def save(engine, cfg, step, client_state, keep_last=None):
             renamed = True
             atomic.write_text(os.path.join(d, "latest"), tag)
         except OSError as e:
-            err = _save_error(e, d, tag, prev)
+            err = _save_error(atomic.write_failure(e, d), tag, prev)
             atomic._remove(final if renamed else tmp)
     err = _bcast(err)
     if err:

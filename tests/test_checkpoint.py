@@ -5,6 +5,7 @@ faults are injected into its files or into its checkpoint engine."""
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -233,6 +234,52 @@ def test_enospc_save_is_one_line_and_keeps_previous(engine, tmp_path, monkeypatc
     one_line(e)
     assert ckpts(cfg) == ["latest", "step00000001"] and latest(cfg) == "step00000001"  # no tmp-* left
     assert checkpoint.find_resume(cfg)[1] == "step00000001" and checkpoint.verify(good) is None
+
+
+def test_real_full_disk_is_one_line_and_leaves_no_partial_checkpoint(engine, small_fs):
+    """Issue 24 (1): on a real full filesystem torch's zip writer fails with a RuntimeError ("unexpected pos"), not
+    an OSError. The first save (nothing to estimate its size from) fails inside DeepSpeed's save; a later one is
+    refused before writing anything (less free space than the last checkpoint took)."""
+    from conftest import fill
+    cfg = types.SimpleNamespace(run_dir=str(small_fs / "run"), resume="auto", save_interval=1)
+    os.makedirs(checkpoint.ckpt_dir(cfg))
+    filler = fill(small_fs)
+    with pytest.raises(TrainingError, match=r"checkpoint step00000001 not saved: no space left on .*checkpoints "
+                                            r"\(0 bytes free; the write failed with: .*\); free space or move "
+                                            r"out_dir, lower keep_last; no earlier checkpoint exists") as e:
+        checkpoint.save(engine, cfg, 1, {"step": 1})
+    one_line(e)
+    assert ckpts(cfg) == []  # the partial tmp-step00000001 is gone
+    os.remove(filler)
+    good, = save_steps(engine, cfg, [1])
+    fill(small_fs, leave=os.path.getsize(biggest_file(good)))  # room for one file, not for a whole checkpoint
+    before = shutil.disk_usage(small_fs).free
+    with pytest.raises(TrainingError, match=r"checkpoint step00000002 not saved: not enough space on "
+                                            r".*checkpoints \(\d+ bytes free, the last checkpoint step00000001 took "
+                                            r"\d+\); free space.*step00000001 and `latest` are untouched") as e:
+        checkpoint.save(engine, cfg, 2, {"step": 2})
+    one_line(e)
+    assert shutil.disk_usage(small_fs).free == before  # refused before writing
+    assert ckpts(cfg) == ["latest", "step00000001"] and checkpoint.verify(good) is None
+
+
+def test_torch_writer_failure_with_space_left_and_other_runtime_errors(engine, tmp_path, monkeypatch):
+    """torch's writer failing while there is space (a flaky mount) is a one-line 'cannot write'; any other
+    RuntimeError is a bug and keeps its traceback."""
+    cfg = cfg_for(tmp_path)
+    save_steps(engine, cfg, [1])
+
+    def torch_fails(state_dict, path):
+        open(path, "wb").write(b"x" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    monkeypatch.setattr(engine.checkpoint_engine, "save", torch_fails)
+    with pytest.raises(TrainingError, match=r"not saved: cannot write .*checkpoints: torch's writer failed: "
+                                            r"\[enforce fail .*unexpected pos 576 vs 534; fix the directory"):
+        checkpoint.save(engine, cfg, 2, {"step": 2})
+    assert ckpts(cfg) == ["latest", "step00000001"]
+    monkeypatch.setattr(engine.checkpoint_engine, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="^a bug$"):
+        checkpoint.save(engine, cfg, 2, {"step": 2})
 
 
 def test_other_oserror_and_failure_while_committing(engine, tmp_path, monkeypatch):
