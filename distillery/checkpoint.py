@@ -12,11 +12,13 @@ leftover tmp-* directory is never read (the next save removes it). manifest.json
 with its size and sha256, the step and the world size that wrote it.
 
 Resume (`find_resume`): the checkpoint `latest` names is verified against its manifest (sizes, then sha256); if it
-is missing, truncated, zero-length, corrupt or has no manifest, the newest intact earlier checkpoint is used instead,
-with a one-line warning; none intact is a one-line TrainingError. Rank 0 decides and broadcasts, so every rank
-loads the same tag. Checkpoints with a step above the one `latest` names are never candidates: they belong to an
-abandoned branch (an explicit resume= from an older checkpoint) or to a save killed between rename and `latest`,
-and the run re-reaches (and overwrites) them. `load` refuses a world-size change before anything is loaded.
+is truncated, zero-length, corrupt or has no manifest, the newest intact earlier checkpoint is used instead, with a
+one-line warning; none intact is a one-line TrainingError (offering, by path, an intact later checkpoint if there is
+one). Rank 0 decides and broadcasts, so every rank loads the same tag. Checkpoints with a step above the one `latest`
+names are not candidates: they belong to an abandoned branch (an explicit resume= from an older checkpoint) or to a
+save killed between rename and `latest`, and the run re-reaches (and overwrites) them. A `latest` naming a checkpoint
+that does not exist (stale: restored from a backup, or its directory removed by hand) is not trusted: every
+checkpoint is then a candidate, newest first, as without a `latest`. `load` refuses a world-size change before anything is loaded.
 
 Needs a filesystem shared by all ranks (as DeepSpeed's ZeRO-3 resume does).
 `python -m distillery.checkpoint runs/<name>/checkpoints` verifies every checkpoint of a run and prints one line each.
@@ -347,7 +349,8 @@ def find_resume(cfg, checksums=True):
     get its answer); verification reads every file once (split over the ranks) when checksums=True.
 
     resume="" -> None. resume=auto -> the checkpoint `latest` names if intact, else the newest intact one below it
-    (warning), None if the run has no checkpoint yet, TrainingError if none is intact. resume=<dir> -> that
+    (warning; the newest intact one of all when `latest` names one that does not exist), None if the run has no
+    checkpoint yet, TrainingError if none is intact. resume=<dir> -> that
     checkpoint if intact, else TrainingError (no silent substitute for an explicit choice)."""
     if not cfg.resume:
         return None
@@ -364,8 +367,8 @@ def find_resume(cfg, checksums=True):
         return os.path.dirname(path), os.path.basename(path)
     d = ckpt_dir(cfg)
     rank, _ = _dist()
-    plan = _bcast(_candidates(d) if rank == 0 else None)   # (latest, [tags to try, best first])
-    latest, cands = plan
+    plan = _bcast(_candidates(d) if rank == 0 else None)   # (latest, [tags to try, best first], [later tags])
+    latest, cands, later = plan
     if latest is None and not cands:
         return None
     problems = [] if latest is None or latest in cands else [f"{latest} named by {d}/latest does not exist"]
@@ -376,21 +379,31 @@ def find_resume(cfg, checksums=True):
                 warn(f"checkpoint {problems[0]}; resuming from {tag} (step {step_of(tag)}) instead")
             return d, tag
         problems.append(f"{tag} in {d} is not intact: {why}")
-    raise TrainingError(f"no intact checkpoint to resume from ({'; '.join(problems)}); start over with another "
-                        f"name= (or resume=''), or check the filesystem")
+    # Nothing intact at or below `latest`. resume='' is no way out (resume.check refuses it for a run that trained).
+    intact = [t for t in later if _verify_all_ranks(os.path.join(d, t), checksums) is None]
+    if intact:
+        raise TrainingError(f"no intact checkpoint at or below {latest}, the one `latest` names "
+                            f"({'; '.join(problems)}); later checkpoint(s) not named by `latest`: {', '.join(intact)}; "
+                            f"to continue from one, resume={os.path.join(d, intact[0])} (the run then goes on from "
+                            f"there), or start a new run with another name=")
+    raise TrainingError(f"no intact checkpoint to resume from ({'; '.join(problems)}); start a new run with another "
+                        f"name=, or check the filesystem")
 
 
 def _candidates(d):
-    """(tag `latest` names or None, tags to try in order): latest first, then earlier steps, newest first; without a
-    readable `latest`, every checkpoint newest first."""
+    """(tag `latest` names or None, tags to try in order, later tags not tried). Normally `latest` first, then
+    earlier steps, newest first; later steps are an abandoned branch. Without a readable `latest`, or when it names a
+    checkpoint that does not exist (a stale `latest`: it can no longer be trusted), every checkpoint, newest first."""
     tags = list_checkpoints(d)
     latest = read_latest(d)
     if latest is None:
         if tags and os.path.isfile(os.path.join(d, "latest")):
             warn(f"{d}/latest is unreadable; trying the checkpoints newest first")
-        return None, tags
+        return None, tags, []
+    if latest not in tags:
+        return latest, tags, []
     top = step_of(latest)
-    return latest, [t for t in tags if step_of(t) <= top]
+    return latest, [t for t in tags if step_of(t) <= top], [t for t in tags if step_of(t) > top]
 
 
 def is_universal(where):

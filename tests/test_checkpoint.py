@@ -136,9 +136,43 @@ def test_none_intact_is_one_line_training_error(engine, tmp_path):
     for p in save_steps(engine, cfg, [1, 2]):
         os.truncate(biggest_file(p), 0)
     with pytest.raises(TrainingError, match="no intact checkpoint to resume from.*step00000002.*zero-length.*"
-                                            "step00000001.*zero-length.*start over") as e:
+                                            "step00000001.*zero-length.*start a new run") as e:
         checkpoint.find_resume(cfg)
     one_line(e)
+
+
+def test_stale_latest_naming_a_removed_checkpoint_falls_back_to_the_newest_intact(engine, tmp_path, capsys):
+    """Issue 24 (5): `latest` names step 5, which is gone (a stale `latest`), while 10 and 15 are intact: resume from
+    15, not "no intact checkpoint ... resume=''" (which resume.check then refuses: advice in a circle)."""
+    cfg = cfg_for(tmp_path, keep_last=0)
+    first, _, _ = save_steps(engine, cfg, [5, 10, 15])
+    d = checkpoint.ckpt_dir(cfg)
+    checkpoint.atomic.write_text(os.path.join(d, "latest"), "step00000005")
+    shutil.rmtree(first)
+    capsys.readouterr()
+    assert checkpoint.find_resume(cfg) == (d, "step00000015")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: ")
+    assert "step00000005 named by" in err and "does not exist" in err and "resuming from step00000015" in err
+
+
+def test_no_intact_checkpoint_advice_is_never_circular(engine, tmp_path):
+    """`latest` names a damaged checkpoint with nothing intact at or below it: a later intact one (a branch
+    `latest` does not name) is offered by path; never resume='' (refused for a run that has trained)."""
+    cfg = cfg_for(tmp_path, keep_last=0)
+    low, _ = save_steps(engine, cfg, [5, 10])
+    d = checkpoint.ckpt_dir(cfg)
+    checkpoint.atomic.write_text(os.path.join(d, "latest"), "step00000005")
+    os.truncate(biggest_file(low), 0)
+    with pytest.raises(TrainingError, match=r"no intact checkpoint at or below step00000005, the one `latest` "
+                                            r"names \(.*zero-length.*\); later checkpoint\(s\) not named by `latest`: "
+                                            r"step00000010; to continue from one, resume=.*step00000010") as e:
+        checkpoint.find_resume(cfg)
+    assert "resume=''" not in one_line(e)
+    shutil.rmtree(os.path.join(d, "step00000010"))
+    with pytest.raises(TrainingError, match=r"start a new run with another name=, or check the filesystem") as e:
+        checkpoint.find_resume(cfg)
+    assert "resume=''" not in one_line(e)
 
 
 def test_explicit_resume_path_is_verified_not_substituted(engine, tmp_path):
