@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from distillery import atomic
 from distillery.config import RUN_DEFINING
-from distillery.launch import rank_world
+from distillery.launch import from_rank0, rank_world
 from distillery.shards import sha256_file
 from distillery.errors import ConfigError, TrainingError
 
@@ -73,13 +73,7 @@ def _barrier():
         dist.barrier()
 
 
-def _bcast(obj):
-    """rank 0's `obj` on every rank."""
-    if _dist()[1] == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+_bcast = from_rank0  # rank 0's `obj` on every rank
 
 
 def _one_line(s):
