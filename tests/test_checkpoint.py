@@ -19,13 +19,20 @@ from distillery import checkpoint
 from distillery.errors import ConfigError, TrainingError
 
 
-def build_engine(world=1, universal=False, grad_accum=1):
+def build_engine(world=1, universal=False, grad_accum=1, groups=False):
+    """groups: the trainer's two optimizer groups (engines.param_groups: matrices decayed, vectors not) around a
+    LayerNorm; else one group."""
     import deepspeed
+    from distillery.engines import param_groups
     from distillery.launch import init_distributed
     init_distributed()
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if groups:
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ds = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 2,
           "gradient_accumulation_steps": grad_accum, "train_batch_size": 2 * world * grad_accum,
           "steps_per_print": 10 ** 9}
@@ -365,6 +372,29 @@ def test_world_size_change_is_refused_before_loading(engine, tmp_path):
         checkpoint.load(fake, cfg, (checkpoint.ckpt_dir(cfg), "step00000001"))
     one_line(e)
     assert calls == []  # nothing was loaded
+
+
+def test_universal_resume_is_exact_with_two_optimizer_groups(tmp_path):
+    """Issue 24 (6): DeepSpeed's ZeRO-3 universal loader (0.19.8) copies param group 0's hyperparameters into every
+    group, so after `--to-universal` the no-decay group (norms, biases) was decayed: the first loss after the resume
+    matched, later ones drifted. checkpoint.load puts each group's own back; the continuation is now bitwise the
+    uninterrupted run's."""
+    cfg = types.SimpleNamespace(run_dir=str(tmp_path / "run"), resume="auto", keep_last=0)
+    a = build_engine(groups=True)
+    for s in (1, 2):
+        train_step(a, s)
+    src = checkpoint.save(a, cfg, 2, {"step": 2})
+    want_groups = [g["weight_decay"] for g in a.optimizer.param_groups]
+    for s in (3, 4, 5):
+        train_step(a, s)
+    checkpoint.to_universal(src)
+    b = build_engine(universal=True, groups=True)
+    checkpoint.load(b, cfg, (checkpoint.ckpt_dir(cfg), "step00000002-universal"))
+    assert [g["weight_decay"] for g in b.optimizer.param_groups] == want_groups == [0.1, 0.0]
+    for s in (3, 4, 5):
+        train_step(b, s)
+    for x, y in zip(weights(a), weights(b)):
+        assert torch.equal(x, y)
 
 
 def test_verify_cli(engine, tmp_path, capsys):
