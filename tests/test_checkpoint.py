@@ -429,11 +429,13 @@ train_step(engine, 100 + rank)  # the step after the checkpoint, rank r on its o
 if rank == 0:
     torch.save({{"w3": w3, "w4": weights(engine)}}, {run!r} + "/weights.pt")
     os.rename(path + "/manifest.json", path + "/hidden")  # step 3 looks broken: both ranks must agree on step 2
-print("rank", rank, "resumes", checkpoint.find_resume(cfg)[1], flush=True)
+sys.stdout.write(f"rank {{rank}} resumes {{checkpoint.find_resume(cfg)[1]}}\\n")  # one write: ranks share the pipe
+sys.stdout.flush()
 if rank == 0:
     os.rename(path + "/hidden", path + "/manifest.json")
 dist.barrier()
-print("rank", rank, "then", checkpoint.find_resume(cfg)[1], flush=True)
+sys.stdout.write(f"rank {{rank}} then {{checkpoint.find_resume(cfg)[1]}}\\n")
+sys.stdout.flush()
 """
 
 
