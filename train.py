@@ -22,6 +22,10 @@ import dataclasses
 import os
 import time
 
+from distillery import preempt
+
+if __name__ == "__main__":  # first: a signal during the slow imports below stops with a message (distillery/preempt.py)
+    preempt.catch_early()
 import torch
 
 if not torch.cuda.is_available():  # say so up front instead of DeepSpeed's accelerator-probe warning
@@ -35,13 +39,13 @@ from distillery.engines import batch_layout, init_student, load_ds_config, stude
 from distillery.errors import ConfigError, DataError, Preempted, TrainingError, cli  # noqa: F401  (TrainingError: tests)
 from distillery.flops import ComputeLedger, compute_match_budget, export_pretrain_flops, write_export_compute
 from distillery.guard import Guard
-from distillery.launch import init_distributed, rank_world, shutdown
+from distillery.launch import from_rank0, init_distributed, rank_world, shutdown
 from distillery.loss_parts import IGNORE_INDEX, shift_targets
 from distillery.models import attn_implementation, build_student, check_model_dir, export_hf, hf_config
 from distillery.objective import Objective
 from distillery.packing import doc_positions
 from distillery.placement import build_teacher, decide
-from distillery.preempt import Preemption
+from distillery.preempt import Preemption, save_decision
 from distillery.runlock import RunLock
 from distillery.sampler import RankReader
 from distillery.shards import load_stream, read_index
@@ -180,8 +184,9 @@ class Run:
     reader: RankReader         # this rank's rows of every step, in the run's global order
     streams: dict              # eval set name -> 1-D tokens (windowed PPL, eval/ppl.py)
     ctx: Context               # handed to every callback hook
-    preemption: Preemption     # SIGTERM / SIGUSR1 -> save and exit at the next step boundary
+    preemption: Preemption     # SIGTERM / SIGUSR1 -> stop where safe, resumable, exit 75 (distillery/preempt.py)
     ledger: ComputeLedger      # FLOPs so far: student training, teacher forward (distillery/flops.py)
+    guard: Guard               # skipped-update streaks, the last checkpoint verified good (saved in checkpoints)
 
     def rows(self, step):
         """This rank's rows of optimizer step `step`: ([grad_accum, micro_batch, S] tokens, their row indices per
@@ -210,16 +215,15 @@ def check_data_files(cfg):
     shards.check_token_ids(cfg.eval_data or cfg.data)
 
 
-def start(plan, rank, world):
+def start(plan, rank, world, preemption):
     """Engines, data, resume, callbacks: the Run of this process."""
     cfg = plan.cfg
-    preemption = Preemption()  # before the slow part: a signal during start-up is honoured at the first step
     where = checkpoint.find_resume(cfg)  # verified, with fallback to the newest intact checkpoint
     engine, teacher = build_engines(plan, where)
     t_conf = teacher.module.lm.config if teacher else plan.cache.teacher_config if plan.cache else None
     ledger = ComputeLedger(engine.module.lm.config, cfg.seq_len, t_conf, cached=plan.cache is not None,
                            teacher_pretrain_flops=(export_pretrain_flops(cfg.teacher) or 0) if t_conf else 0)
-    start_step = 0
+    start_step, client = 0, {}
     if where is not None:
         client = checkpoint.load(engine, cfg, where)
         start_step = client["step"]
@@ -239,7 +243,8 @@ def start(plan, rank, world):
     plan.callbacks.bind(ctx, metrics_path=runlog.metrics_path(cfg.run_dir))
     reader = RankReader(cfg.data, cfg.seed, rank=rank, world=world)
     streams = {s: load_stream(cfg.eval_data or cfg.data, s) for s in cfg.eval_sets}
-    return Run(plan, engine, teacher, reader, streams, ctx, preemption, ledger)
+    return Run(plan, engine, teacher, reader, streams, ctx, preemption, ledger,
+               Guard(cfg, engine, start_step, client.get("guard"), where))
 
 
 # ---------------------------------------------------------------------------- loop
@@ -262,7 +267,8 @@ def train(run):
     stats = StepStats(dev, want_diag)
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     loss_kw = obj.loss_kw()
-    guard = Guard(cfg, engine, ctx.start_step)
+    guard = run.guard
+    run.preemption.defer()  # from here a signal is honoured at the next step boundary
     t_log = time.perf_counter()  # start of the log interval
     cbs("on_train_start", ctx)
     for step in range(ctx.start_step, ctx.end_step):
@@ -340,25 +346,32 @@ def save(run, step):
     path = checkpoint.save(run.engine, run.plan.cfg, step, {"step": step, "config": to_dict(run.plan.cfg),
                                                             "callbacks": run.plan.callbacks.state_dict(),
                                                             "objective": run.plan.objective.state_dict(),
-                                                            "compute": run.ledger.to_dict()})
+                                                            "compute": run.ledger.to_dict(),
+                                                            "guard": run.guard.state_dict()})
     run.plan.callbacks("on_checkpoint", run.ctx, step=step, path=path)
     return path
 
 
 def preempt(run, step):
-    """Every rank at the boundary before step `step`: save the finished steps (unless just saved) and stop."""
-    latest = checkpoint.read_latest(checkpoint.ckpt_dir(run.plan.cfg))
-    path = os.path.join(checkpoint.ckpt_dir(run.plan.cfg), latest) if latest == checkpoint.tag_for(step) else (
-        save(run, step))
-    raise Preempted(f"stopped by {run.preemption.reason()} after step {step}; checkpoint {path}; rerun the same "
-                    f"command with resume=auto to continue")
+    """Every rank at the boundary before step `step`: save the finished steps if rank 0 says so, and stop."""
+    d, g = checkpoint.ckpt_dir(run.plan.cfg), run.guard
+    latest = checkpoint.read_latest(d) if run.ctx.rank == 0 else None
+    need, why = from_rank0(save_decision(step, run.ctx.start_step, latest, g.streak, g.first_bad))
+    what = why or f"checkpoint {save(run, step) if need else os.path.join(d, checkpoint.tag_for(step))}"
+    raise Preempted(f"stopped by {run.preemption.reason()} after step {step}; {what}; rerun the same command with "
+                    f"resume=auto to continue")
 
 
 # ---------------------------------------------------------------------------- save
 def finish(run, last_step):
-    """Export the student when the schedule is complete; end-of-run callbacks; their numbers to every writer."""
-    cfg, ctx = run.plan.cfg, run.ctx
+    """Export the student when the schedule is complete; end-of-run callbacks; their numbers to every writer. The
+    checkpoint of last_step is committed, so a stop here (SIGTERM: before or after the export, at once during the
+    evaluation; preempt.py) exits 75 and resume=auto finishes the job."""
+    cfg, ctx, pre, dev = run.plan.cfg, run.ctx, run.preemption, run.engine.device
     export_dir = None
+    rest = (f"; checkpoint {os.path.join(checkpoint.ckpt_dir(cfg), checkpoint.tag_for(last_step))}; rerun the same "
+            f"command with resume=auto to finish")
+    pre.stop_if_requested(dev, f"after step {last_step}, before the export and evaluation{rest}")  # came late
     if cfg.export and last_step == run.plan.total_steps:
         export_dir = os.path.join(cfg.run_dir, "export")
         export_hf(run.engine.module.lm, export_dir, cfg.data, cfg.export_dtype,
@@ -366,8 +379,12 @@ def finish(run, last_step):
         if ctx.rank == 0:  # what it cost to make this model: a later student's ledger amortises it
             write_export_compute(export_dir, run.ledger)
         dist.barrier()
+    pre.stop_if_requested(dev, f"after step {last_step} and its export, before the end-of-run evaluation{rest}")
+    pre.at_once(f"during the end-of-run evaluation of step {last_step}{' (export written)' if export_dir else ''}"
+                f"{rest}")
     final = {}
     run.plan.callbacks("on_train_end", ctx, step=last_step, export_dir=export_dir, metrics=final)
+    pre.defer()  # done: a signal from here on changes nothing (exit 0)
     if final:
         ctx.log(last_step, final)
     if ctx.rank == 0 and last_step == run.plan.total_steps:  # last: reports and sweeps read only finished runs
@@ -382,10 +399,11 @@ def main(argv=None):
     plan = resolve(args)
     cfg = plan.cfg
     rank, world = init_distributed()
-    with RunLock(cfg.run_dir) if rank == 0 else contextlib.nullcontext():  # one writer per run directory
+    # a signal stops start-up at once (lock released); the steps at a boundary (distillery/preempt.py)
+    with Preemption() as preemption, RunLock(cfg.run_dir) if rank == 0 else contextlib.nullcontext():
         changes = resume.check(cfg)   # a rerun / resume that would mix two experiments stops here, nothing written
         check_data_files(cfg)
-        run = start(plan, rank, world)
+        run = start(plan, rank, world, preemption)
         if rank == 0:  # only once the checkpoint (if any) is loaded: a refused resume leaves config.yaml as it was
             save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"), header=plan.placement)
             resume.record(cfg, changes, run.ctx.start_step)
@@ -396,7 +414,6 @@ def main(argv=None):
             raise
         finally:
             run.ctx.writer.close()
-            run.preemption.restore()
     return cfg.run_dir
 
 

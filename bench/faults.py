@@ -1061,6 +1061,406 @@ def eval_set_too_small(env, o):
     one_line(o, p, "error:", r"eval set\(s\) heldout \(0 tokens\) in .*: shorter than one window of eval_window=64")
     o.check(not os.path.exists(out / "r"), "the refused run wrote its run directory")
     o.note(f"data_prep: `` {warn[0] if warn else ''} ``")
+# ============================================================================ issue 24: reliability, round 2
+# Scenarios added for issue 24 (a real full disk, the guard's good checkpoint, preemption corner cases, stale
+# `latest`, universal resume, the end phase). Kept in one block, apart from the scenarios above and other issues'.
+
+WRAPPER = """
+import os, runpy, signal, sys, time
+sys.path.insert(0, {repo!r})
+sys.argv = [{train!r}] + sys.argv[1:]
+{patch}
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def patched_train(out, patch):
+    """A script that runs train.py as __main__ (its start-up is the command line's: preempt.catch_early, cli,
+    shutdown) after `patch`, Python code that may replace what train.py imports (a slow phase, a killed write)."""
+    import textwrap
+    path = Path(out) / "patched_train.py"
+    path.write_text(WRAPPER.format(repo=str(REPO), train=str(REPO / "train.py"), patch=textwrap.dedent(patch)))
+    return path
+
+
+def script_cmd(script, args, ranks=1):
+    if ranks == 1:
+        return [PY, script, *args]
+    from distillery.launch import free_port
+    return [PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+            script, *args]
+
+
+def slowed(target, attr, line, seconds):
+    """Patch code: `target.attr` (a module or class, imported by name) prints `line` on stderr, sleeps, then runs."""
+    mod, _, cls = target.partition(":")
+    obj = f"_t.{cls}" if cls else "_t"
+    return f"""
+import {mod} as _t
+_orig_{attr} = {obj}.{attr}
+def _slow_{attr}(*a, **k):
+    print({line!r}, file=sys.stderr, flush=True)
+    time.sleep({seconds})
+    return _orig_{attr}(*a, **k)
+{obj}.{attr} = _slow_{attr}
+"""
+
+
+def merge(o, sub, label):
+    """The problems of a sub-outcome (one phase of a scenario) into o, prefixed with the phase."""
+    o.problems += [Problem(f"{label}: {p.text}", p.bug) for p in sub.problems]
+    return sub
+
+
+def _tmp_leftovers(run_dir):
+    return [os.path.join(r, n) for r, ds, fs in os.walk(run_dir) for n in ds + fs
+            if re.search(r"\.tmp-\d+$", n) or n.startswith("tmp-")]
+
+
+@scenario("disk_full_real", "out_dir on a real 10 MiB tmpfs: room for less than one checkpoint, then for one and a "
+                            "half, then none at all, then space freed; resume=auto each time", "resumed exactly")
+def disk_full_real(env, o):
+    from distillery.checkpoint import verify
+    out = env.fresh("disk-full-real")
+    fs = out / "fs"
+    fs.mkdir()
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(fs)], capture_output=True, text=True)
+    if m.returncode:
+        o.expect = f"skipped (cannot mount a tmpfs here: {(m.stderr or m.stdout).strip()[:120]})"
+        return
+    try:
+        ref = env.reference(1)
+        d16 = os.path.join(ref, "checkpoints", "step00000016")
+        ck = sum(os.path.getsize(os.path.join(d16, f)) for f in os.listdir(d16))
+        run_dir, filler = str(fs / "r"), fs / "filler"
+        # A0: less than one checkpoint of space: the first save (no earlier one to size it by) fails in torch's writer
+        _fill(fs, ck // 2)
+        p = env.train(fs)
+        one_line(o, p, "error:", r"checkpoint step00000004 not saved: no space left on \S+checkpoints \(\d+ bytes "
+                                 r"free; the write failed with: .*\); free space or move out_dir")
+        o.check(not _tmp_leftovers(run_dir), f"partial files left: {_tmp_leftovers(run_dir)}")
+        o.check(not [c for c in checkpoints(run_dir) if c.startswith("step")], "a checkpoint directory was left")
+        # A: one and a half checkpoints of space: step 4 is saved, step 8 is refused before anything is written
+        os.truncate(filler, max(0, os.path.getsize(filler) - ck))
+        p = env.train(fs, "resume=auto")
+        a = Outcome("A", "")
+        one_line(a, p, "error:", r"checkpoint step00000008 not saved: not enough space on \S+ \(\d+ bytes free, the "
+                                 r"last checkpoint step00000004 took \d+\); .*step00000004 and `latest` are untouched")
+        merge(o, a, "1.5 checkpoints free")
+        o.check(latest_step(run_dir) == 4 and verify(os.path.join(run_dir, "checkpoints", "step00000004")) is None,
+                f"latest names step {latest_step(run_dir)}, want an intact step 4")
+        o.check(not _tmp_leftovers(run_dir), f"partial files left: {_tmp_leftovers(run_dir)}")
+        done = max(train_steps(run_dir) or [0])
+        # B: the disk completely full: the rerun is refused at the run lock, nothing changed
+        _fill(fs, 0)
+        before = snapshot(run_dir)
+        p = env.train(fs, "resume=auto")
+        b = Outcome("B", "")
+        one_line(b, p, "error:", r"cannot lock run directory \S+: no space left on \S+; free space there")
+        merge(o, b, "disk full")
+        check_untouched(o, before, run_dir)
+        o.note(f"lock on a full disk: {b.message}")
+        # C: space freed: resume=auto finishes like the uninterrupted run
+        os.remove(filler)
+        resume_and_compare(env, o, run_dir, done, 1)
+        o.note(f"one checkpoint is {ck} bytes; then: {a.message}")
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], capture_output=True)
+
+
+def _fill(fs, leave):
+    """Grow fs/filler until `leave` bytes are free on the filesystem fs."""
+    with open(Path(fs) / "filler", "ab") as f:
+        while shutil.disk_usage(fs).free > leave:
+            try:
+                f.write(b"\0" * max(1, min(1 << 20, shutil.disk_usage(fs).free - leave)))
+                f.flush()
+            except OSError:
+                break
+
+
+@scenario("diverge_verified_good", "lr=1e6, save_interval=2: step 2 is saved before the first skipped update (step "
+                                   "3) but its weights are already ruined; then resume from it with lr=3e-4",
+          "stopped cleanly")
+def diverge_verified_good(env, o):
+    out = env.fresh("diverge-good")
+    run_dir = str(out / "r")
+    p = env.train(out, "lr=1e6", "save_interval=2")
+    line = one_line(o, p, "error:", r"3 consecutive optimizer steps \(3\.\.5\) were skipped .*no checkpoint is known "
+                                    r"to be good \(step00000002 was saved, but the step after it was skipped\)")
+    o.check("resume=" not in line, "the stop recommends a checkpoint")
+    # what the old message advised: resume from step 2 with a lower lr
+    src = os.path.join(run_dir, "checkpoints", "step00000002")
+    q = env.train(out, f"resume={src}", "lr=3e-4", "save_interval=2")
+    sub = Outcome("retry", "")
+    one_line(sub, q, "error:", r"consecutive optimizer steps \(3\.\.5\) were skipped .*no checkpoint is known to be "
+                               r"good \(step00000002 was saved, but the step after it was skipped\)")
+    merge(o, sub, "resume from step 2 with lr=3e-4")
+    o.note("resumed from step 2 with lr=3e-4 anyway: steps 3..5 skipped again, and the stop again names no "
+           "checkpoint (no loop)")
+
+
+@scenario("preempt_in_skipped_streak", "lr=1e6, save_interval=2, max_bad_steps=4; SIGTERM after step 3 (inside the "
+                                       "run of skipped updates from step 3); then resume=auto with max_bad_steps=3",
+          "stopped cleanly")
+def preempt_in_skipped_streak(env, o):
+    out = env.fresh("preempt-streak")
+    run_dir = str(out / "r")
+    p = env.start(out, "lr=1e6", "save_interval=2", "max_bad_steps=4")
+    if not o.check(p.wait_line(r"^step\s+3/"), f"no `step 3/` line: {p.tail()!r}"):
+        p.kill_group()
+        return
+    os.kill(p.pid, signal.SIGTERM)
+    p.rc = p.wait()
+    one_line(o, p, "stopped:", r"stopped by SIGTERM after step (\d+); not saved: steps 3\.\.\1 skipped their updates, "
+                               r".*the last checkpoint is step00000002; rerun .*resume=auto", rc=EXIT_PREEMPTED)
+    o.check(latest_step(run_dir) == 2 and [c for c in checkpoints(run_dir) if c.startswith("step")] ==
+            ["step00000002"], f"checkpoints {checkpoints(run_dir)}, latest {latest_step(run_dir)}: want step 2 only")
+    q = env.train(out, "resume=auto", "lr=1e6", "save_interval=2", "max_bad_steps=3")
+    sub = Outcome("resume", "")
+    one_line(sub, q, "error:", r"^error: 3 consecutive optimizer steps \(3\.\.5\) were skipped .*no checkpoint is "
+                               r"known to be good \(step00000002 was saved, but the step after it was skipped\)")
+    merge(o, sub, "resume=auto max_bad_steps=3")
+    o.note(f"resumed: {sub.message}")
+
+
+@scenario("preempt_stale_latest", "2 ranks; rank 1 reads a stale `latest` (attribute caching); SIGTERM to rank 0 "
+                                  "right after the step-4 save; then resume=auto on 2 ranks", "resumed exactly")
+def preempt_stale_latest(env, o):
+    out = env.fresh("stale-latest-rank1")
+    run_dir = str(out / "r")
+    script = patched_train(out, """
+        if os.environ.get("RANK") == "1":  # this rank never sees the newest `latest` (a stale attribute cache)
+            import distillery.checkpoint as _c
+            _c.read_latest = lambda d: None
+        """)
+    p = Proc(script_cmd(script, env.args(out), ranks=2))
+    if not o.check(p.wait_line(r"^step\s+4/"), f"no `step 4/` line: {p.tail()!r}"):
+        p.kill_group()
+        return
+    os.kill(rank_pids(p.pid)[0], signal.SIGTERM)
+    p.rc = p.wait()
+    one_line(o, p, "stopped:", r"stopped by SIGTERM after step 4; checkpoint \S+step00000004; rerun",
+             rc=EXIT_PREEMPTED)
+    done = max(train_steps(run_dir) or [0])
+    o.check(latest_step(run_dir) == done == 4, f"latest {latest_step(run_dir)}, last finished step {done}: the "
+                                               f"signal missed the boundary right after the step-4 save")
+    o.check(not _tmp_leftovers(run_dir), f"a save was started by one rank only: {_tmp_leftovers(run_dir)}")
+    resume_and_compare(env, o, run_dir, done, 2, max_lost=1)
+
+
+@scenario("stale_latest_pruned", "`latest` names step 2, long pruned, while 4, 8 and 12 are intact; resume=auto",
+          "resumed exactly")
+def stale_latest_pruned(env, o):
+    from distillery import atomic
+    run_dir = copy_run(env.partial(1, 12), env.fresh("stale-latest"))
+    atomic.write_text(os.path.join(run_dir, "checkpoints", "latest"), "step00000002")
+    p = resume_and_compare(env, o, run_dir, 12, 1, max_lost=0)
+    warn = [x for x in p.err if x.startswith("warning:")]
+    o.check(len(warn) == 1 and re.search(r"step00000002 named by \S+latest does not exist; resuming from "
+                                         r"step00000012 \(step 12\) instead", warn[0]), f"warnings: {warn!r}")
+    o.message = warn[0] if warn else ""
+
+
+@scenario("universal_exact", "a 2-rank checkpoint (step 8) converted with --to-universal, resumed on 2 ranks and "
+                             "on 1 rank", "resumed exactly")
+def universal_exact(env, o):
+    run_dir = copy_run(env.partial(2, 8), env.fresh("universal"))
+    src = os.path.join(run_dir, "checkpoints", "step00000008")
+    c = run([PY, "-m", "distillery.checkpoint", "--to-universal", src])
+    if not o.check(c.rc == 0, f"--to-universal exited {c.rc}: {c.tail()!r}"):
+        return
+    diffs = {}
+    for ranks in (2, 1):
+        rd = copy_run(run_dir, env.fresh(f"universal-{ranks}rank"))
+        r = env.train(os.path.dirname(rd), f"resume={rd}/checkpoints/step00000008-universal", ranks=ranks)
+        if not o.check(r.rc == 0, f"{ranks}-rank resume exited {r.rc}: {r.tail(800)!r}"):
+            continue
+        o.check(train_steps(rd)[-STEPS + 8:] == list(range(9, STEPS + 1)), f"{ranks} ranks: did not go on at step 9")
+        diffs[ranks] = _max_diff(env.reference(2), rd)
+    if 2 in diffs:
+        o.weights_equal = diffs[2] == (0, 0.0)
+        o.check(o.weights_equal, f"2 ranks: {diffs[2][0]} tensors differ from the uninterrupted 2-rank run, by up "
+                                 f"to {diffs[2][1]:.3g}")
+        o.steps_lost = 0
+    o.message = "; ".join(f"{k} rank{'s' if k > 1 else ''}: {n} of 21 tensors differ from the uninterrupted 2-rank "
+                          f"run (max {m:.3g})" for k, (n, m) in diffs.items())
+
+
+def _max_diff(a_run, b_run):
+    """(tensors that differ, largest absolute difference) between two runs' exported weights."""
+    from safetensors.torch import load_file
+    a, b = (load_file(os.path.join(r, "export", "model.safetensors")) for r in (a_run, b_run))
+    d = [(a[k] - b[k]).abs().max().item() for k in a]
+    return sum(x > 0 for x in d), max(d)
+
+
+@scenario("preempt_startup", "SIGTERM during start-up: 1 s after `python train.py` starts (its imports), then with "
+                             "the run lock held (data checks slowed by 3 s); then the same command",
+          "resumed exactly")
+def preempt_startup(env, o):
+    out = env.fresh("startup")
+    run_dir = str(out / "r")
+    p = env.start(out)
+    time.sleep(1.0)
+    os.kill(p.pid, signal.SIGTERM)
+    p.rc = p.wait()
+    a = Outcome("imports", "")
+    one_line(a, p, "stopped:", r"stopped by SIGTERM during start-up", rc=EXIT_PREEMPTED)
+    merge(o, a, "in the imports")
+    script = patched_train(out, slowed("distillery.shards", "check_token_ids", "checking data", 3) +
+                           slowed("distillery.shards", "verify_split", "checking data", 3))
+    q = Proc(script_cmd(script, env.args(out)))
+    if not o.check(q.wait_line(r"^checking data"), f"no `checking data` line: {q.tail()!r}"):
+        q.kill_group()
+        return
+    o.check(os.path.isfile(os.path.join(run_dir, ".lock")), "no lock held during the data checks")
+    os.kill(q.pid, signal.SIGTERM)
+    q.rc = q.wait()
+    one_line(o, q, "stopped:", r"stopped by SIGTERM during start-up, before the first step; nothing was saved; rerun "
+                               r"the same command", rc=EXIT_PREEMPTED)
+    o.check(not os.path.exists(os.path.join(run_dir, ".lock")), "a stale lock was left")
+    o.note(f"in the imports: {a.message}")
+    r = env.train(out)
+    if o.check(r.rc == 0, f"the same command exited {r.rc}: {r.tail(800)!r}"):
+        o.check(not r.lines("note:"), f"notes on the rerun (a stale lock?): {r.lines('note:')}")
+        o.weights_equal = weights_equal(env.reference(1), run_dir)
+        o.check(o.weights_equal, "final weights differ from the uninterrupted run")
+        o.steps_lost = 0
+
+
+@scenario("preempt_second_sigterm", "1 rank; SIGTERM after step 3, and a second one while the stopping run releases "
+                                    "its lock (slowed by 2 s); then resume=auto", "resumed exactly")
+def preempt_second_sigterm(env, o):
+    out = env.fresh("second-sigterm")
+    run_dir = str(out / "r")
+    script = patched_train(out, slowed("distillery.runlock:RunLock", "release", "releasing the lock", 2))
+    p = Proc(script_cmd(script, env.args(out)))
+    if not o.check(p.wait_line(r"^step\s+3/"), f"no `step 3/` line: {p.tail()!r}"):
+        p.kill_group()
+        return
+    os.kill(p.pid, signal.SIGTERM)
+    if o.check(p.wait_line(r"^releasing the lock"), f"no `releasing the lock` line: {p.tail()!r}"):
+        os.kill(p.pid, signal.SIGTERM)
+    p.rc = p.wait()
+    one_line(o, p, "stopped:", r"stopped by SIGTERM after step \d+; checkpoint \S+; rerun", rc=EXIT_PREEMPTED)
+    done = max(train_steps(run_dir) or [0])
+    o.check(latest_step(run_dir) == done, f"latest {latest_step(run_dir)}, last finished step {done}")
+    resume_and_compare(env, o, run_dir, done, 1, max_lost=1)
+
+
+@scenario("preempt_sigterm_group", "2 ranks; SIGTERM to every process of the job at once (runner, launch.py, ranks: "
+                                   "what a scheduler does) after step 3; then resume=auto on 2 ranks",
+          "resumed exactly")
+def preempt_sigterm_group(env, o):
+    out = env.fresh("sigterm-group")
+    run_dir = str(out / "r")
+    p = env.start(out, ranks=2)
+    if not o.check(p.wait_line(r"^step\s+3/"), f"no `step 3/` line: {p.tail()!r}"):
+        p.kill_group()
+        return
+    os.killpg(p.pid, signal.SIGTERM)
+    p.rc = p.wait()
+    got = p.lines("stopped:")
+    o.check(len(got) == 1 and re.search(r"stopped by SIGTERM after step \d+; checkpoint", got[0] if got else ""),
+            f"`stopped:` lines: {got!r}")
+    o.check(not any("Traceback" in x for x in p.err), "a traceback on stderr")
+    o.message = got[0] if got else ""
+    done = max(train_steps(run_dir) or [0])
+    o.check(latest_step(run_dir) == done, f"latest {latest_step(run_dir)}, last finished step {done}")
+    o.note(f"the `deepspeed` runner's exit status: {p.rc} (it has no SIGTERM handler on one node; launch.py exits 1 "
+           f"after its own SIGTERM, whatever the ranks' 75)")
+    resume_and_compare(env, o, run_dir, done, 2, max_lost=1)
+
+
+def _end_phase(env, o, label, patch, line, needle, max_latency):
+    """Run to the end with eval_final; SIGTERM when the patched phase prints `line`; exit 75 with `needle` within
+    max_latency s; then resume=auto finishes it: export equal to the uninterrupted run's, eval/final.json written."""
+    out = env.fresh(label)
+    run_dir = str(out / "r")
+    script = patched_train(out, patch)
+    p = Proc(script_cmd(script, env.args(out, "callbacks=[progress,eval_final]")))
+    if not o.check(p.wait_line(rf"^{line}"), f"no `{line}` line: {p.tail()!r}"):
+        p.kill_group()
+        return None
+    os.kill(p.pid, signal.SIGTERM)
+    t0 = time.time()
+    p.rc = p.wait()
+    latency = time.time() - t0
+    one_line(o, p, "stopped:", needle, rc=EXIT_PREEMPTED)
+    o.check(latency < max_latency, f"exited {latency:.1f} s after SIGTERM, want < {max_latency}")
+    o.check(latest_step(run_dir) == STEPS, f"latest names step {latest_step(run_dir)}, want {STEPS}")
+    o.check(not os.path.exists(os.path.join(run_dir, "eval", "final.json")), "eval/final.json written anyway")
+    o.check(not _tmp_leftovers(run_dir), f"leftovers: {_tmp_leftovers(run_dir)}")
+    o.note(f"exit {latency:.1f} s after the SIGTERM")
+    export_first = weights_equal(env.reference(1), run_dir)
+    r = env.train(out, "resume=auto", "callbacks=[progress,eval_final]")
+    if o.check(r.rc == 0, f"resume=auto exited {r.rc}: {r.tail(800)!r}"):
+        o.check(os.path.isfile(os.path.join(run_dir, "eval", "final.json")), "no eval/final.json after the resume")
+        o.weights_equal = weights_equal(env.reference(1), run_dir)
+        o.check(o.weights_equal, "exported weights differ from the uninterrupted run")
+        o.steps_lost = 0
+    return export_first
+
+
+@scenario("preempt_during_export", "SIGTERM during the final export (slowed by 3 s), eval_final on; then resume=auto",
+          "resumed exactly")
+def preempt_during_export(env, o):
+    first = _end_phase(env, o, "during-export", slowed("distillery.models", "export_hf", "exporting", 3),
+                       "exporting", rf"stopped by SIGTERM after step {STEPS} and its export, before the end-of-run "
+                                    r"evaluation; checkpoint \S+step00000016; rerun .*resume=auto to finish", 30)
+    o.check(first, "the export the stopped run finished is missing or differs from the uninterrupted run's")
+
+
+@scenario("preempt_during_final_eval", "SIGTERM during the end-of-run evaluation (eval_final, slowed by 5 s); then "
+                                       "resume=auto", "resumed exactly")
+def preempt_during_final_eval(env, o):
+    _end_phase(env, o, "during-eval", slowed("plugins.eval_final:EvalFinal", "on_train_end", "final evaluation", 5),
+               "final evaluation", rf"stopped by SIGTERM during the end-of-run evaluation of step {STEPS} \(export "
+                                   r"written\); checkpoint \S+step00000016; rerun .*resume=auto to finish", 3)
+
+
+@scenario("export_sigkill", "SIGKILL in the middle of the final export (after model.safetensors is written into "
+                            "export.tmp-<pid>); then resume=auto", "resumed exactly")
+def export_sigkill(env, o):
+    out = env.fresh("export-kill")
+    run_dir = str(out / "r")
+    script = patched_train(out, """
+        import safetensors.torch as _st
+        _save = _st.save_file
+        def _save_and_die(*a, **k):
+            _save(*a, **k)
+            os.kill(os.getpid(), signal.SIGKILL)
+        _st.save_file = _save_and_die
+        """)
+    p = run(script_cmd(script, env.args(out)))
+    o.check(p.rc == -signal.SIGKILL, f"exit status {p.rc}, want -9: {p.tail(600)!r}")
+    left = [n for n in os.listdir(run_dir) if n.startswith("export")]
+    o.check(len(left) == 1 and re.match(r"export\.tmp-\d+$", left[0]), f"after the kill: {left}, want export.tmp-<pid>")
+    r = resume_and_compare(env, o, run_dir, STEPS, 1, max_lost=0)
+    o.steps_lost = 0 if r.rc == 0 else None
+    notes = r.lines("note:")
+    o.check(any(re.search(r"removed \S+export\.tmp-\d+, left by a write killed earlier", x) for x in notes),
+            f"no note on the removed leftover: {notes!r}")
+    o.check(not _tmp_leftovers(run_dir), f"leftovers after the resume: {_tmp_leftovers(run_dir)}")
+    removed = [x for x in notes if "removed" in x]
+    o.message = removed[0] if removed else ""
+    o.note(f"{len(notes)} note lines on the resume (the killed run's lock is taken over too)")
+
+
+@scenario("ds_config_not_json", "--ds_config a file that is not valid JSON (a trailing comma)", "refused cleanly",
+          slow=False)
+def ds_config_not_json(env, o):
+    out = env.fresh("ds-json")
+    bad = out / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 3},}\n')
+    args = env.args(out / "runs")
+    p = run(env.cmd(["--ds_config", bad, *args[2:]]))
+    one_line(o, p, "error:", r"DeepSpeed config \S+ds.json is not valid JSON at line 1, column \d+: .*; fix the file")
+    o.check(not os.path.exists(out / "runs"), "something was written")
+
+
+# ============================================================================ end of issue 24's scenarios
 
 
 # ---------------------------------------------------------------------------- driver

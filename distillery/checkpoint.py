@@ -3,7 +3,7 @@
 Layout: {run_dir}/checkpoints/step00000100/ (DeepSpeed's files + manifest.json) and {run_dir}/checkpoints/latest
 (a tag name). A save goes
 
-    engine.save_checkpoint -> tmp-step00000100/   (every rank; an OSError here is a one-line TrainingError)
+    engine.save_checkpoint -> tmp-step00000100/   (every rank; a failed write here is a one-line TrainingError)
     barrier; sha256 of every file (split over the ranks) -> manifest.json in the tmp dir (rank 0)
     rename tmp-step00000100 -> step00000100; `latest` <- step00000100 (atomic); prune to keep_last
 
@@ -12,16 +12,17 @@ leftover tmp-* directory is never read (the next save removes it). manifest.json
 with its size and sha256, the step and the world size that wrote it.
 
 Resume (`find_resume`): the checkpoint `latest` names is verified against its manifest (sizes, then sha256); if it
-is missing, truncated, zero-length, corrupt or has no manifest, the newest intact earlier checkpoint is used instead,
-with a one-line warning; none intact is a one-line TrainingError. Rank 0 decides and broadcasts, so every rank
-loads the same tag. Checkpoints with a step above the one `latest` names are never candidates: they belong to an
-abandoned branch (an explicit resume= from an older checkpoint) or to a save killed between rename and `latest`,
-and the run re-reaches (and overwrites) them. `load` refuses a world-size change before anything is loaded.
+is truncated, zero-length, corrupt or has no manifest, the newest intact earlier checkpoint is used instead, with a
+one-line warning; none intact is a one-line TrainingError (offering, by path, an intact later checkpoint if there is
+one). Rank 0 decides and broadcasts, so every rank loads the same tag. Checkpoints with a step above the one `latest`
+names are not candidates: they belong to an abandoned branch (an explicit resume= from an older checkpoint) or to a
+save killed between rename and `latest`, and the run re-reaches (and overwrites) them. A `latest` naming a checkpoint
+that does not exist (stale: restored from a backup, or its directory removed by hand) is not trusted: every
+checkpoint is then a candidate, newest first, as without a `latest`. `load` refuses a world-size change before anything is loaded.
 
 Needs a filesystem shared by all ranks (as DeepSpeed's ZeRO-3 resume does).
 `python -m distillery.checkpoint runs/<name>/checkpoints` verifies every checkpoint of a run and prints one line each.
 """
-import errno
 import json
 import os
 import re
@@ -34,7 +35,7 @@ import torch.distributed as dist
 
 from distillery import atomic
 from distillery.config import RUN_DEFINING
-from distillery.launch import rank_world
+from distillery.launch import from_rank0, rank_world
 from distillery.shards import sha256_file
 from distillery.errors import ConfigError, TrainingError
 
@@ -72,13 +73,7 @@ def _barrier():
         dist.barrier()
 
 
-def _bcast(obj):
-    """rank 0's `obj` on every rank."""
-    if _dist()[1] == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+_bcast = from_rank0  # rank 0's `obj` on every rank
 
 
 def _one_line(s):
@@ -212,16 +207,26 @@ def _sweep_tmp(d):
             atomic._remove(os.path.join(d, name))
 
 
-def _save_error(e, d, tag, prev):
+def _save_error(failure, tag, prev):
+    """The one-line message of a save that failed with atomic.write_failure's (no_space, what)."""
+    no_space, what = failure
     keep = f"the previous checkpoint {prev} and `latest` are untouched (resume=auto)" if prev else \
         "no earlier checkpoint exists"
-    if getattr(e, "errno", None) == errno.ENOSPC:
-        what = f"no space left on {d}"
-        fix = "free space or move out_dir, lower keep_last"
-    else:
-        what = f"cannot write {d}: {_one_line(e.strerror or e)}" + (f" ({e.filename})" if e.filename else "")
-        fix = "fix the directory (permissions, mount)"
+    fix = "free space or move out_dir, lower keep_last" if no_space else "fix the directory (permissions, mount)"
     return f"checkpoint {tag} not saved: {what}; {fix}; {keep}"
+
+
+def _short_of_space(d, prev):
+    """(True, what) when the filesystem of `d` has less free space than the last checkpoint `prev` took (a save of
+    the same model needs as much, before the prune), else None. Refusing here writes nothing; without a previous
+    checkpoint, or where the filesystem does not report its free space, the save goes ahead and a full disk is
+    caught as it fails."""
+    m, _ = read_manifest(os.path.join(d, prev)) if prev else (None, None)
+    free = atomic.free_bytes(d)
+    need = sum(e["bytes"] for e in m["files"]) if m else 0
+    if free is not None and free < need:
+        return True, f"not enough space on {d} ({free} bytes free, the last checkpoint {prev} took {need})"
+    return None
 
 
 def read_latest(d):
@@ -236,27 +241,39 @@ def read_latest(d):
 
 def save(engine, cfg, step, client_state, keep_last=None):
     """Every rank: write checkpoint `step`, verify-able (manifest.json), commit it (`latest`), prune older ones to
-    keep_last (default cfg.keep_last, else 3; 0 keeps all). Returns its path. An OSError while writing (disk full,
-    permissions) is a one-line TrainingError on the failing rank(s), with its temporary files removed (rank 0) and
-    the previous checkpoint and `latest` left usable."""
+    keep_last (default cfg.keep_last, else 3; 0 keeps all). Returns its path. Less free space than the last
+    checkpoint took is refused before anything is written; a failed write (disk full: an OSError, or torch's zip
+    writer's RuntimeError; permissions) is a one-line TrainingError on the failing rank(s), with its temporary files
+    removed (rank 0) and the previous checkpoint and `latest` left usable."""
     d = ckpt_dir(cfg)
     tag, tmp_tag = tag_for(step), TMP_PREFIX + tag_for(step)
     tmp, final = os.path.join(d, tmp_tag), os.path.join(d, tag)
     rank, world = _dist()
     prev = read_latest(d)
+    failure = None
     if rank == 0:
-        os.makedirs(d, exist_ok=True)
-        _sweep_tmp(d)
-    _barrier()
+        try:
+            os.makedirs(d, exist_ok=True)
+            _sweep_tmp(d)
+            failure = _short_of_space(d, prev)
+        except OSError as e:
+            failure = atomic.write_failure(e, d)
+    failure = _bcast(failure)  # rank 0's verdict on every rank; also the barrier before anyone writes
+    if failure:
+        raise TrainingError(_save_error(failure, tag, prev))
     state = dict(client_state, torch_rng=torch.get_rng_state())
     try:
         engine.save_checkpoint(d, tag=tmp_tag, client_state=state, save_latest=False)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # A real full disk fails inside torch's zip writer as a RuntimeError, not an OSError (atomic.write_failure).
         # No collective after a failure: another rank may have succeeded and wait in DeepSpeed's barrier; this
         # rank exits with the message and the launcher stops the others. The next save sweeps any leftovers.
+        failure = atomic.write_failure(e, d)  # before the partial files go: removing them frees the space
+        if failure is None:
+            raise
         if rank == 0:
             atomic._remove(tmp)
-        raise TrainingError(_save_error(e, d, tag, prev)) from None
+        raise TrainingError(_save_error(failure, tag, prev)) from None
     _barrier()
     rels = _bcast(list_files(tmp) if rank == 0 else None)
     digests = _hash_all_ranks(tmp, rels)
@@ -271,7 +288,7 @@ def save(engine, cfg, step, client_state, keep_last=None):
             renamed = True
             atomic.write_text(os.path.join(d, "latest"), tag)
         except OSError as e:
-            err = _save_error(e, d, tag, prev)
+            err = _save_error(atomic.write_failure(e, d), tag, prev)
             atomic._remove(final if renamed else tmp)
     err = _bcast(err)
     if err:
@@ -326,7 +343,8 @@ def find_resume(cfg, checksums=True):
     get its answer); verification reads every file once (split over the ranks) when checksums=True.
 
     resume="" -> None. resume=auto -> the checkpoint `latest` names if intact, else the newest intact one below it
-    (warning), None if the run has no checkpoint yet, TrainingError if none is intact. resume=<dir> -> that
+    (warning; the newest intact one of all when `latest` names one that does not exist), None if the run has no
+    checkpoint yet, TrainingError if none is intact. resume=<dir> -> that
     checkpoint if intact, else TrainingError (no silent substitute for an explicit choice)."""
     if not cfg.resume:
         return None
@@ -343,8 +361,8 @@ def find_resume(cfg, checksums=True):
         return os.path.dirname(path), os.path.basename(path)
     d = ckpt_dir(cfg)
     rank, _ = _dist()
-    plan = _bcast(_candidates(d) if rank == 0 else None)   # (latest, [tags to try, best first])
-    latest, cands = plan
+    plan = _bcast(_candidates(d) if rank == 0 else None)   # (latest, [tags to try, best first], [later tags])
+    latest, cands, later = plan
     if latest is None and not cands:
         return None
     problems = [] if latest is None or latest in cands else [f"{latest} named by {d}/latest does not exist"]
@@ -355,21 +373,31 @@ def find_resume(cfg, checksums=True):
                 warn(f"checkpoint {problems[0]}; resuming from {tag} (step {step_of(tag)}) instead")
             return d, tag
         problems.append(f"{tag} in {d} is not intact: {why}")
-    raise TrainingError(f"no intact checkpoint to resume from ({'; '.join(problems)}); start over with another "
-                        f"name= (or resume=''), or check the filesystem")
+    # Nothing intact at or below `latest`. resume='' is no way out (resume.check refuses it for a run that trained).
+    intact = [t for t in later if _verify_all_ranks(os.path.join(d, t), checksums) is None]
+    if intact:
+        raise TrainingError(f"no intact checkpoint at or below {latest}, the one `latest` names "
+                            f"({'; '.join(problems)}); later checkpoint(s) not named by `latest`: {', '.join(intact)}; "
+                            f"to continue from one, resume={os.path.join(d, intact[0])} (the run then goes on from "
+                            f"there), or start a new run with another name=")
+    raise TrainingError(f"no intact checkpoint to resume from ({'; '.join(problems)}); start a new run with another "
+                        f"name=, or check the filesystem")
 
 
 def _candidates(d):
-    """(tag `latest` names or None, tags to try in order): latest first, then earlier steps, newest first; without a
-    readable `latest`, every checkpoint newest first."""
+    """(tag `latest` names or None, tags to try in order, later tags not tried). Normally `latest` first, then
+    earlier steps, newest first; later steps are an abandoned branch. Without a readable `latest`, or when it names a
+    checkpoint that does not exist (a stale `latest`: it can no longer be trusted), every checkpoint, newest first."""
     tags = list_checkpoints(d)
     latest = read_latest(d)
     if latest is None:
         if tags and os.path.isfile(os.path.join(d, "latest")):
             warn(f"{d}/latest is unreadable; trying the checkpoints newest first")
-        return None, tags
+        return None, tags, []
+    if latest not in tags:
+        return latest, tags, []
     top = step_of(latest)
-    return latest, [t for t in tags if step_of(t) <= top]
+    return latest, [t for t in tags if step_of(t) <= top], [t for t in tags if step_of(t) > top]
 
 
 def is_universal(where):
@@ -441,10 +469,13 @@ def load(engine, cfg, where, checksums=False):
         raise TrainingError(f"checkpoint {path} is not intact: {why}; resume=auto falls back to an intact one")
     universal = bool(getattr(engine, "load_universal_checkpoint", lambda: False)())
     check_world_size(path, _world_of(engine, world), universal)
+    hyper = _group_hyperparameters(engine) if universal else None
     loaded, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                             load_lr_scheduler_states=True)
     if loaded is None:
         raise ConfigError(f"could not load checkpoint {path}; it is missing or incomplete")
+    if universal:
+        _repair_universal_load(engine, hyper)
     saved = client.get("config", {})
     changed = [k for k in FIXED_ON_RESUME if k in saved and saved[k] != getattr(cfg, k)]
     if changed:
@@ -453,6 +484,33 @@ def load(engine, cfg, where, checksums=False):
     if "torch_rng" in client:
         torch.set_rng_state(client["torch_rng"])
     return client
+
+
+def _repair_universal_load(engine, hyper):
+    """Put back the two pieces of optimizer state DeepSpeed 0.19.8's ZeRO-3 universal loader
+    (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3) loses, so the resume continues exactly:
+
+    - it copies param group 0's hyperparameters into every group, so the no-decay group (norms, biases:
+      engines.param_groups) would be decayed from here on. Each group gets its own back: this engine's, built from
+      the same run-defining weight_decay / betas / eps as the checkpoint (lr is the schedule's).
+    - it gives every parameter sub-group the *same* Adam `step` tensor, which torch's AdamW increments in place once
+      per sub-group: the step count then grows by the number of sub-groups per optimizer step, and the bias
+      correction of every group after the first is wrong from the first step on. Each gets its own copy.
+
+    Measured before this repair (docs/reliability.md): after a 2-rank checkpoint converted with --to-universal and
+    resumed for 8 steps, all 21 tensors of the micro student off, norms by up to 9e-4, losses by up to 2.7e-4."""
+    for g, h in zip(engine.optimizer.param_groups, hyper or []):
+        g.update(h)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer ZeRO-3 drives
+    for st in getattr(inner, "state", {}).values():
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].clone()
+
+
+def _group_hyperparameters(engine):
+    """Each optimizer param group's settings but its parameters and lr (the LR schedule sets those)."""
+    groups = getattr(getattr(engine, "optimizer", None), "param_groups", None) or []
+    return [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
 
 
 # ---------------------------------------------------------------------------- tool

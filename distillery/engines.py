@@ -36,7 +36,14 @@ def load_ds_config(path):
     if not os.path.isfile(path):
         raise ConfigError(f"DeepSpeed config {path!r} not found; the shipped ones are in ds_configs/")
     with open(path) as f:
-        ds = json.load(f)
+        try:
+            ds = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"DeepSpeed config {path} is not valid JSON at line {e.lineno}, column {e.colno}: "
+                              f"{e.msg}; fix the file") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"DeepSpeed config {path} holds a {type(ds).__name__}, not a JSON object of DeepSpeed "
+                          f"settings; see ds_configs/cpu.json")
     owned = [k for k in OWNED_KEYS if k in ds]
     if owned:
         raise ConfigError(f"{path} sets {', '.join(owned)}; batch sizes, clipping, optimizer and schedule come from "

@@ -54,3 +54,14 @@ def rank_world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def from_rank0(obj):
+    """Rank 0's `obj` on every rank (what the other ranks pass is ignored): the one way a decision rank 0 made (a
+    checkpoint to resume, whether to save) reaches every rank. A collective when more than one rank is up."""
+    import torch.distributed as dist
+    if rank_world()[1] == 1 or not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -8,7 +8,9 @@ fails if .lock exists: O_CREAT|O_EXCL semantics, also on NFS; O_CREAT|O_EXCL its
 A second run on the same directory gets a one-line ConfigError naming the holder and the fix. A lock left by a dead
 process on this host (pid gone, or the pid now belongs to a younger process) is taken over with a one-line note. A
 lock held from another host is respected: this host cannot see its processes; the message says how to remove it.
-Released on exit, on exceptions, and only if it is still ours.
+Released on exit, on exceptions, and only if it is still ours. Once held, the temporaries of writes killed earlier
+(`<name>.tmp-<pid>`, e.g. an export killed mid-way) are removed (atomic.sweep). A lock that cannot be written (a
+full disk) is a one-line TrainingError.
 """
 import json
 import os
@@ -18,7 +20,7 @@ import time
 import uuid
 
 from distillery import atomic
-from distillery.errors import ConfigError
+from distillery.errors import ConfigError, TrainingError
 
 LOCK_NAME = ".lock"
 
@@ -89,9 +91,15 @@ class RunLock:
         return f"pid {info.get('pid', '?')} on host {info.get('host', '?')} (since {since})"
 
     def _create(self, info):
-        """Atomically create the lock with `info` as its content; False if it exists."""
+        """Atomically create the lock with `info` as its content; False if it exists. A write that fails (a full
+        disk) is a one-line TrainingError, with nothing left behind."""
         tmp = f"{self.path}.{info['token']}"
-        atomic.write_json(tmp, info)
+        try:
+            atomic.write_json(tmp, info)
+        except OSError as e:
+            no_space, what = atomic.write_failure(e, self.run_dir)
+            fix = "free space there (or move out_dir), then rerun" if no_space else "fix the directory, then rerun"
+            raise TrainingError(f"cannot lock run directory {self.run_dir}: {what}; {fix}") from None
         try:
             os.link(tmp, self.path)
             return True
@@ -108,7 +116,7 @@ class RunLock:
                 os.fsync(f.fileno())
             return True
         finally:
-            os.remove(tmp)
+            atomic._remove(tmp)
 
     def acquire(self):
         os.makedirs(self.run_dir, exist_ok=True)
@@ -119,6 +127,7 @@ class RunLock:
         for _ in range(3):  # a takeover race with another starter: try again, then give up with its name
             if self._create(info):
                 self.info = info
+                atomic.sweep(self.run_dir, self.note)  # now the only writer: leftovers of killed writes go
                 return self
             held = read_lock(self.path)
             if not held and time.time() - _mtime(self.path) < 5:

@@ -72,3 +72,33 @@ def read_metrics(run_dir):
     train = {r["step"]: r for r in rows if "loss/total" in r}
     evals = {r["step"]: r for r in rows if any(k.startswith("eval/") for k in r)}
     return train, evals
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real, tiny filesystem (a 2 MiB tmpfs) to fill up: where mounting is not permitted (not root, no
+    CAP_SYS_ADMIN, a container without mount rights) the test is skipped and says why."""
+    mnt = tmp_path / "small_fs"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({(p.stderr or p.stdout).strip()}): the real full-disk test needs "
+                    f"root with mount rights")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(fs, leave=0):
+    """Fill the filesystem `fs` up to `leave` free bytes with a file named filler; returns its path."""
+    import shutil
+    path = os.path.join(fs, "filler")
+    with open(path, "ab") as f:
+        while shutil.disk_usage(fs).free > leave:
+            try:
+                f.write(b"\0" * max(1, min(1 << 16, shutil.disk_usage(fs).free - leave)))
+                f.flush()
+            except OSError:
+                break
+    return path

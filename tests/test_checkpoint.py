@@ -5,6 +5,7 @@ faults are injected into its files or into its checkpoint engine."""
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -18,13 +19,20 @@ from distillery import checkpoint
 from distillery.errors import ConfigError, TrainingError
 
 
-def build_engine(world=1, universal=False, grad_accum=1):
+def build_engine(world=1, universal=False, grad_accum=1, groups=False):
+    """groups: the trainer's two optimizer groups (engines.param_groups: matrices decayed, vectors not) around a
+    LayerNorm; else one group."""
     import deepspeed
+    from distillery.engines import param_groups
     from distillery.launch import init_distributed
     init_distributed()
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if groups:
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ds = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 2,
           "gradient_accumulation_steps": grad_accum, "train_batch_size": 2 * world * grad_accum,
           "steps_per_print": 10 ** 9}
@@ -135,9 +143,43 @@ def test_none_intact_is_one_line_training_error(engine, tmp_path):
     for p in save_steps(engine, cfg, [1, 2]):
         os.truncate(biggest_file(p), 0)
     with pytest.raises(TrainingError, match="no intact checkpoint to resume from.*step00000002.*zero-length.*"
-                                            "step00000001.*zero-length.*start over") as e:
+                                            "step00000001.*zero-length.*start a new run") as e:
         checkpoint.find_resume(cfg)
     one_line(e)
+
+
+def test_stale_latest_naming_a_removed_checkpoint_falls_back_to_the_newest_intact(engine, tmp_path, capsys):
+    """Issue 24 (5): `latest` names step 5, which is gone (a stale `latest`), while 10 and 15 are intact: resume from
+    15, not "no intact checkpoint ... resume=''" (which resume.check then refuses: advice in a circle)."""
+    cfg = cfg_for(tmp_path, keep_last=0)
+    first, _, _ = save_steps(engine, cfg, [5, 10, 15])
+    d = checkpoint.ckpt_dir(cfg)
+    checkpoint.atomic.write_text(os.path.join(d, "latest"), "step00000005")
+    shutil.rmtree(first)
+    capsys.readouterr()
+    assert checkpoint.find_resume(cfg) == (d, "step00000015")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: ")
+    assert "step00000005 named by" in err and "does not exist" in err and "resuming from step00000015" in err
+
+
+def test_no_intact_checkpoint_advice_is_never_circular(engine, tmp_path):
+    """`latest` names a damaged checkpoint with nothing intact at or below it: a later intact one (a branch
+    `latest` does not name) is offered by path; never resume='' (refused for a run that has trained)."""
+    cfg = cfg_for(tmp_path, keep_last=0)
+    low, _ = save_steps(engine, cfg, [5, 10])
+    d = checkpoint.ckpt_dir(cfg)
+    checkpoint.atomic.write_text(os.path.join(d, "latest"), "step00000005")
+    os.truncate(biggest_file(low), 0)
+    with pytest.raises(TrainingError, match=r"no intact checkpoint at or below step00000005, the one `latest` "
+                                            r"names \(.*zero-length.*\); later checkpoint\(s\) not named by `latest`: "
+                                            r"step00000010; to continue from one, resume=.*step00000010") as e:
+        checkpoint.find_resume(cfg)
+    assert "resume=''" not in one_line(e)
+    shutil.rmtree(os.path.join(d, "step00000010"))
+    with pytest.raises(TrainingError, match=r"start a new run with another name=, or check the filesystem") as e:
+        checkpoint.find_resume(cfg)
+    assert "resume=''" not in one_line(e)
 
 
 def test_explicit_resume_path_is_verified_not_substituted(engine, tmp_path):
@@ -235,6 +277,52 @@ def test_enospc_save_is_one_line_and_keeps_previous(engine, tmp_path, monkeypatc
     assert checkpoint.find_resume(cfg)[1] == "step00000001" and checkpoint.verify(good) is None
 
 
+def test_real_full_disk_is_one_line_and_leaves_no_partial_checkpoint(engine, small_fs):
+    """Issue 24 (1): on a real full filesystem torch's zip writer fails with a RuntimeError ("unexpected pos"), not
+    an OSError. The first save (nothing to estimate its size from) fails inside DeepSpeed's save; a later one is
+    refused before writing anything (less free space than the last checkpoint took)."""
+    from conftest import fill
+    cfg = types.SimpleNamespace(run_dir=str(small_fs / "run"), resume="auto", save_interval=1)
+    os.makedirs(checkpoint.ckpt_dir(cfg))
+    filler = fill(small_fs)
+    with pytest.raises(TrainingError, match=r"checkpoint step00000001 not saved: no space left on .*checkpoints "
+                                            r"\(0 bytes free; the write failed with: .*\); free space or move "
+                                            r"out_dir, lower keep_last; no earlier checkpoint exists") as e:
+        checkpoint.save(engine, cfg, 1, {"step": 1})
+    one_line(e)
+    assert ckpts(cfg) == []  # the partial tmp-step00000001 is gone
+    os.remove(filler)
+    good, = save_steps(engine, cfg, [1])
+    fill(small_fs, leave=os.path.getsize(biggest_file(good)))  # room for one file, not for a whole checkpoint
+    before = shutil.disk_usage(small_fs).free
+    with pytest.raises(TrainingError, match=r"checkpoint step00000002 not saved: not enough space on "
+                                            r".*checkpoints \(\d+ bytes free, the last checkpoint step00000001 took "
+                                            r"\d+\); free space.*step00000001 and `latest` are untouched") as e:
+        checkpoint.save(engine, cfg, 2, {"step": 2})
+    one_line(e)
+    assert shutil.disk_usage(small_fs).free == before  # refused before writing
+    assert ckpts(cfg) == ["latest", "step00000001"] and checkpoint.verify(good) is None
+
+
+def test_torch_writer_failure_with_space_left_and_other_runtime_errors(engine, tmp_path, monkeypatch):
+    """torch's writer failing while there is space (a flaky mount) is a one-line 'cannot write'; any other
+    RuntimeError is a bug and keeps its traceback."""
+    cfg = cfg_for(tmp_path)
+    save_steps(engine, cfg, [1])
+
+    def torch_fails(state_dict, path):
+        open(path, "wb").write(b"x" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    monkeypatch.setattr(engine.checkpoint_engine, "save", torch_fails)
+    with pytest.raises(TrainingError, match=r"not saved: cannot write .*checkpoints: torch's writer failed: "
+                                            r"\[enforce fail .*unexpected pos 576 vs 534; fix the directory"):
+        checkpoint.save(engine, cfg, 2, {"step": 2})
+    assert ckpts(cfg) == ["latest", "step00000001"]
+    monkeypatch.setattr(engine.checkpoint_engine, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="^a bug$"):
+        checkpoint.save(engine, cfg, 2, {"step": 2})
+
+
 def test_other_oserror_and_failure_while_committing(engine, tmp_path, monkeypatch):
     cfg = cfg_for(tmp_path)
     save_steps(engine, cfg, [1])
@@ -286,6 +374,29 @@ def test_world_size_change_is_refused_before_loading(engine, tmp_path):
     assert calls == []  # nothing was loaded
 
 
+def test_universal_resume_is_exact_with_two_optimizer_groups(tmp_path):
+    """Issue 24 (6): DeepSpeed's ZeRO-3 universal loader (0.19.8) copies param group 0's hyperparameters into every
+    group, so after `--to-universal` the no-decay group (norms, biases) was decayed: the first loss after the resume
+    matched, later ones drifted. checkpoint.load puts each group's own back; the continuation is now bitwise the
+    uninterrupted run's."""
+    cfg = types.SimpleNamespace(run_dir=str(tmp_path / "run"), resume="auto", keep_last=0)
+    a = build_engine(groups=True)
+    for s in (1, 2):
+        train_step(a, s)
+    src = checkpoint.save(a, cfg, 2, {"step": 2})
+    want_groups = [g["weight_decay"] for g in a.optimizer.param_groups]
+    for s in (3, 4, 5):
+        train_step(a, s)
+    checkpoint.to_universal(src)
+    b = build_engine(universal=True, groups=True)
+    checkpoint.load(b, cfg, (checkpoint.ckpt_dir(cfg), "step00000002-universal"))
+    assert [g["weight_decay"] for g in b.optimizer.param_groups] == want_groups == [0.1, 0.0]
+    for s in (3, 4, 5):
+        train_step(b, s)
+    for x, y in zip(weights(a), weights(b)):
+        assert torch.equal(x, y)
+
+
 def test_verify_cli(engine, tmp_path, capsys):
     cfg = cfg_for(tmp_path, keep_last=0)
     a, b = save_steps(engine, cfg, [1, 2])
@@ -318,11 +429,13 @@ train_step(engine, 100 + rank)  # the step after the checkpoint, rank r on its o
 if rank == 0:
     torch.save({{"w3": w3, "w4": weights(engine)}}, {run!r} + "/weights.pt")
     os.rename(path + "/manifest.json", path + "/hidden")  # step 3 looks broken: both ranks must agree on step 2
-print("rank", rank, "resumes", checkpoint.find_resume(cfg)[1], flush=True)
+sys.stdout.write(f"rank {{rank}} resumes {{checkpoint.find_resume(cfg)[1]}}\\n")  # one write: ranks share the pipe
+sys.stdout.flush()
 if rank == 0:
     os.rename(path + "/hidden", path + "/manifest.json")
 dist.barrier()
-print("rank", rank, "then", checkpoint.find_resume(cfg)[1], flush=True)
+sys.stdout.write(f"rank {{rank}} then {{checkpoint.find_resume(cfg)[1]}}\\n")
+sys.stdout.flush()
 """
 
 

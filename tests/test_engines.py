@@ -53,3 +53,23 @@ def test_fp16_stops_the_trainer_before_anything_exists(tmp_path):
         train.resolve(train.parse_args(["--ds_config", str(path), "data=/no/such/data",
                                         f"out_dir={tmp_path / 'runs'}", *BASE, "alpha=0"]))
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('{"zero_optimization": {"stage": 3},}', r"is not valid JSON at line 1, column 36: .*; fix the file"),
+    ('{"zero_optimization": {"stage": 3}\n', r"is not valid JSON at line 2, column 1: .*; fix the file"),
+    ("", r"is not valid JSON at line 1, column 1"),
+    ('[{"zero_optimization": {"stage": 3}}]', r"holds a list, not a JSON object of DeepSpeed settings"),
+])
+def test_ds_config_that_is_not_json_is_one_line(tmp_path, text, needle):
+    """Issue 24 (8): a --ds_config that does not parse was a JSONDecodeError traceback."""
+    import train
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle) as e:
+        load_ds_config(str(path))
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    with pytest.raises(ConfigError, match=needle):
+        train.resolve(train.parse_args(["--ds_config", str(path), "data=/no/such/data",
+                                        f"out_dir={tmp_path / 'runs'}", *BASE, "alpha=0"]))
+    assert not (tmp_path / "runs").exists()

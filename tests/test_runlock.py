@@ -118,3 +118,40 @@ def test_release_never_removes_someone_elses_lock(tmp_path):
     write_lock(d, host="node-17", pid=1, token="theirs")  # e.g. removed by hand and taken by another run
     lock.release()
     assert read_lock(lock_file(d))["token"] == "theirs"
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(small_fs):
+    """Issue 24 (1): on a full filesystem the lock cannot be written: a one-line error naming the fix, not an
+    ENOSPC traceback, and no temporary lock file left behind."""
+    from conftest import fill
+    from distillery.errors import TrainingError
+    d = small_fs / "run"
+    d.mkdir()
+    fill(small_fs)
+    with pytest.raises(TrainingError, match=r"cannot lock run directory .*/run: no space left on .*/run; free "
+                                            r"space there \(or move out_dir\), then rerun") as e:
+        RunLock(str(d)).acquire()
+    assert "\n" not in str(e.value)
+    assert os.listdir(d) == []
+    os.remove(small_fs / "filler")
+    with RunLock(str(d)):
+        assert os.path.isfile(lock_file(d))
+
+
+def test_stale_temporaries_of_killed_writes_are_swept(tmp_path):
+    """Issue 24 (9): a write killed mid-way (SIGKILL during the export) leaves <name>.tmp-<pid>; the next holder of
+    the lock, the only writer of the directory, removes such leftovers with one note each."""
+    d = tmp_path / "run"
+    dead, live = dead_pid(), os.getppid()
+    (d / f"export.tmp-{dead}").mkdir(parents=True)
+    (d / f"export.tmp-{dead}" / "model.safetensors").write_bytes(b"\0" * 64)
+    (d / "eval").mkdir()
+    (d / "eval" / f"final.json.tmp-{dead}").write_text("{")
+    (d / "config.yaml").write_text("a: 1\n")
+    (d / "keep.tmp-notapid").write_text("x")
+    (d / f"other.tmp-{live}").write_text("x")  # a live process's write in progress (another tool): left alone
+    notes = []
+    with RunLock(str(d), note=notes.append):
+        assert sorted(os.listdir(d)) == [".lock", "config.yaml", "eval", "keep.tmp-notapid", f"other.tmp-{live}"]
+        assert os.listdir(d / "eval") == []
+    assert len(notes) == 2 and all("removed" in n and "left by a write killed earlier" in n for n in notes), notes

@@ -224,8 +224,9 @@ def test_nan_loss_stops_before_checkpoint(data_dir, teacher_dir, tmp_path):
     import train
     if "test_nan" not in plugins.names("divergence"):
         plugins.register("divergence", "test_nan")(lambda s_logp, t_logp, **_: s_logp.sum(-1) * float("nan"))
-    with pytest.raises(train.TrainingError, match=r"loss is not finite between steps 1 and 1; no checkpoint was saved "
-                                                  r"before it: start again with a lower lr .*\(non-finite: .*KD") as e:
+    with pytest.raises(train.TrainingError, match=r"loss is not finite between steps 1 and 1; no checkpoint is known "
+                                                  r"to be good \(none was saved before it\): start again with a lower "
+                                                  r"lr .*\(non-finite: .*KD") as e:
         run_inprocess(data_dir, tmp_path, "name=nan", f"teacher={teacher_dir}", "alpha=0.5", "divergence=test_nan",
                       "save_interval=1", "eval_interval=-1", "loss_impl=plain", *COUNTER)
     assert "\n" not in str(e.value)
