@@ -224,7 +224,50 @@ def summarize(out):
     write_json(os.path.join(out, "summary.json"), {"regimes": regimes, "rows": rows})
     write_text(os.path.join(out, "summary.md"), markdown(regimes, rows))
     plot(rows, os.path.join(out, "gain_vs_tpp.png"))
+    plot_controller(os.path.join(out, "controller_alpha.png"))
     return rows
+
+
+def controller_runs():
+    """{label: run dir} of every finished gap-controller run (grid teachers and sweep regimes)."""
+    out = {}
+    for root in ("runs/mini-ctrl", *(os.path.join(OUT, r) for r in REGIMES)):
+        if not os.path.isdir(root):
+            continue
+        for n in sorted(os.listdir(root)):
+            d = os.path.join(root, n)
+            if "gap-" in n and steps.finished(d):
+                regime = "r0.17" if root.endswith("mini-ctrl") else os.path.basename(root)
+                out[f"{regime} {n.replace('gap-', '')}"] = d
+    return out
+
+
+def plot_controller(path):
+    """The alpha the gap controller chose (and the gap it measured) over each run, x = fraction of the run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from distillery.atomic import read_jsonl
+    runs = controller_runs()
+    if not runs:
+        return
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (label, d) in enumerate(runs.items()):
+        recs = [r for r in read_jsonl(os.path.join(d, "metrics.jsonl")) if "alpha" in r]
+        last = recs[-1]["step"]
+        x = [r["step"] / last for r in recs]
+        style = dict(color=f"C{i // 2}", ls="-" if label.endswith("s43") else ":")
+        ax.plot(x, [r["alpha"] for r in recs], label=label, **style)
+        bx.plot(x, [r.get("alpha/gap", float("nan")) for r in recs], **style)
+    ax.set_xlabel("fraction of the run")
+    ax.set_ylabel("alpha chosen (ceiling 0.5)")
+    bx.set_xlabel("fraction of the run")
+    bx.set_ylabel("gap = student CE - teacher CE (nats, EMA)")
+    bx.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _pm(m, se):
