@@ -1,12 +1,13 @@
 """It runs (issue 18, part 2): train.py under the deepspeed launcher, ZeRO-3 student + ZeRO-3 inference teacher,
-a few optimizer steps with a live teacher, then with teacher_offload=true, then a resume from the first run's
+a few optimizer steps with a live partitioned teacher (teacher_placement=partitioned: `auto` would replicate a
+teacher this small), then with teacher_placement=offload, then a resume from the first run's
 checkpoint. Tiny models: this part is about the machinery (launcher, engines, precision, offload, checkpoints), not
 speed; the speed and the real shapes are parts 4 and 5.
 
     python bench/trainer_runs.py data    --work W [--gpu]   # W/data: offline corpus (BPE 2048, 128-token rows,
                                                              # 2 MB of text, ~10 s) and W/teacher (random micro)
     python bench/trainer_runs.py live    --work W [--gpu]   # 3 steps, alpha 0.4, live teacher; checkpoint at step 3
-    python bench/trainer_runs.py offload --work W [--gpu]   # 2 steps, teacher_offload=true (offload_param to CPU)
+    python bench/trainer_runs.py offload --work W [--gpu]   # 2 steps, teacher_placement=offload (offload_param)
     python bench/trainer_runs.py resume  --work W [--gpu]   # resume=auto on live's run: steps 4-6
 
 GPU: ds_configs/zero3.json (bf16, ZeRO-3); CPU: ds_configs/cpu.json (fp32, ZeRO-3, gloo). Student and teacher are the
@@ -49,16 +50,18 @@ def build_data(work):
                 train_rows=index["splits"]["train"].get("rows"))
 
 
+def overrides(what, work):
+    """The trainer's key=value overrides of run `what` (after BASE)."""
+    name = "offload" if what == "offload" else "live"
+    over = [f"data={work}/data", f"teacher={work}/teacher", f"out_dir={work}/runs", f"name={name}",
+            f"max_steps={STEPS[what]}", f"teacher_placement={'offload' if what == 'offload' else 'partitioned'}"]
+    return over + (["resume=auto"] if what == "resume" else [])
+
+
 def launch(what, work, gpu):
     """One train.py run through `python -m deepspeed.launcher.runner --num_gpus 1`; returns (rc, output)."""
     from distillery.launch import free_port
-    name = "offload" if what == "offload" else "live"
-    over = [f"data={work}/data", f"teacher={work}/teacher", f"out_dir={work}/runs", f"name={name}",
-            f"max_steps={STEPS[what]}"]
-    if what == "offload":
-        over.append("teacher_offload=true")
-    if what == "resume":
-        over.append("resume=auto")
+    over = overrides(what, work)
     ds = os.path.join(REPO, "ds_configs", "zero3.json" if gpu else "cpu.json")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
            os.path.join(REPO, "train.py"), "--ds_config", ds, *BASE, *over]

@@ -149,3 +149,14 @@ gc.Runner(checks, "cpu", {str(out)!r}, time.time(), 200, dict(py=sys.executable)
     assert [(x["check"], x.get("status")) for x in lines] == [("a", "ok"), ("b", "interrupted"), ("summary", None)]
     assert lines[1]["results"] == [{"up": 1}] and lines[2]["statuses"] == {"a": "ok", "b": "interrupted"}
     assert json.loads((out / "a.json").read_text())["status"] == "ok"
+
+
+def test_trainer_runs_are_valid_trainer_configs(tmp_path):
+    """Every train.py run of the `runs` part parses as a config (a renamed or refused key fails here, not on the
+    lent GPU): the live and resume runs use a ZeRO-3 partitioned teacher, the offload run an offloaded one."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import trainer_runs
+    from distillery.config import load_config
+    got = {w: load_config(None, [*trainer_runs.BASE, *trainer_runs.overrides(w, str(tmp_path))]).teacher_placement
+           for w in ("live", "offload", "resume")}
+    assert got == {"live": "partitioned", "offload": "offload", "resume": "partitioned"}
