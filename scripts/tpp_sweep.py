@@ -3,6 +3,7 @@
     python scripts/tpp_sweep.py                  # every run not finished yet (resumable), then the report
     python scripts/tpp_sweep.py --report-only    # the report from what has finished
     python scripts/tpp_sweep.py --dry-run        # the plan (a weak teacher's budget shows once its probes ran)
+    python scripts/tpp_sweep.py --seeds 43,44,45 --regimes r1,r3   # a third seed where effects are within 2 s.e.
 
 The mini grid (scripts/mini_grid.py) runs its student at 0.17 tokens per parameter; the study at about 30. Here the
 student is made smaller (the `micro` preset, 336,192 parameters with embeddings at vocab 2048) and trained at 1, 3
@@ -28,7 +29,7 @@ import math
 import os
 
 import steps
-from mini_grid import TEACHERS as GRID_TEACHERS, finished as grid_finished, text_entropies
+from mini_grid import SEEDS as GRID_SEEDS, TEACHERS as GRID_TEACHERS, finished as grid_finished, text_entropies
 
 from distillery.atomic import read_json, write_json, write_text
 from distillery.errors import cli
@@ -127,9 +128,10 @@ def plan(regime, seeds, alphas):
 
 
 def grid_controller_plan(seeds):
-    """The gap controller on the mini grid's three teachers (its student, budget and seeds)."""
+    """The gap controller on the mini grid's three teachers (its student, budget and seeds: those of `seeds` the
+    grid has baselines for)."""
     return [(f"mini-ctrl/gap-{t}-s{s}", STUDENT_CFG, CONTROLLER + [f"seed={s}", f"teacher=runs/mini/{t}/export"])
-            for t in GRID_TEACHERS for s in seeds]
+            for t in GRID_TEACHERS for s in seeds if s in GRID_SEEDS]
 
 
 def run_all(a):
@@ -142,7 +144,7 @@ def run_all(a):
     todo = [(n, f"{n}: {' '.join(o)}", steps.train_cmd(c, o, n)) for n, c, o in grid_controller_plan(a.seeds)
             if not steps.finished(os.path.join("runs", n))]
     steps.run_steps(todo, "sweep mini-ctrl", timing, a.dry_run)
-    for regime in REGIMES:
+    for regime in a.regimes:
         while True:
             runs, complete = plan(regime, a.seeds, a.alphas)
             todo = [(n, f"{n}: {' '.join(o)}", steps.train_cmd(c, o, n)) for n, c, o in runs
@@ -329,7 +331,12 @@ def main(argv=None):
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated student seeds")
     ap.add_argument("--alphas", default=",".join(map(str, ALPHAS)), help="comma-separated; the first is the one "
                     "compute-matched")
+    ap.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated, of " + ", ".join(REGIMES))
     a = ap.parse_args(argv)
+    a.regimes = [r for r in a.regimes.split(",") if r]
+    unknown = [r for r in a.regimes if r not in REGIMES]
+    if unknown:
+        raise SystemExit(f"error: unknown regime(s) {', '.join(unknown)}; known: {', '.join(REGIMES)}")
     a.seeds = [int(s) for s in a.seeds.split(",")]
     a.alphas = [float(x) for x in a.alphas.split(",")]
     steps.prepare(a)
