@@ -300,27 +300,36 @@ def markdown(regimes, rows):
 
 
 def plot(rows, path):
-    """KD gain (PPL change %) against tokens per parameter: weak and strong teacher, alpha 0.2, both baselines."""
+    """KD gain (PPL change %, alpha 0.2) against tokens per parameter, weak and strong teacher: one row of panels per
+    baseline (token-matched, compute-matched), one column per eval set (held-out, OOD mean). r0.17 (the mini grid's
+    student and teachers) is drawn hollow: another student, and its weak teacher is a smaller model."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    for ax, s in zip(axes, ("heldout", "ood_mean")):
-        for (kind, ref), style in {("weak", "token"): ("C3", "-"), ("weak", "compute"): ("C3", "--"),
-                                   ("strong", "token"): ("C0", "-"), ("strong", "compute"): ("C0", "--")}.items():
-            pts = sorted((r["tpp"], r["mean"], 0 if r["se"] is None or math.isnan(r["se"]) else r["se"])
-                         for r in rows if r["teacher"] == kind and r["reference"] == ref and r["alpha"] == 0.2
-                         and r["eval_set"] == s)
-            if pts:
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    for i, ref in enumerate(("token", "compute")):
+        for j, s in enumerate(("heldout", "ood_mean")):
+            ax = axes[i][j]
+            for kind, color in (("weak", "C3"), ("strong", "C0")):
+                pts = sorted((r["tpp"], r["mean"], 0 if r["se"] is None or math.isnan(r["se"]) else r["se"])
+                             for r in rows if r["teacher"] == kind and r["reference"] == ref and r["alpha"] == 0.2
+                             and r["eval_set"] == s)
+                if not pts:
+                    continue
                 x, y, e = zip(*pts)
-                ax.errorbar(x, y, yerr=e, color=style[0], ls=style[1], marker="o", capsize=3,
-                            label=f"{kind} teacher vs {ref}-matched")
-        ax.axhline(0, color="k", lw=0.5)
-        ax.set_xscale("log")
-        ax.set_xlabel("student tokens per parameter")
-        ax.set_ylabel("PPL change % (alpha 0.2; < 0: KD helps)")
-        ax.set_title("held-out" if s == "heldout" else "out-of-domain mean")
-    axes[0].legend(fontsize=8)
+                ax.errorbar(x, y, yerr=e, color=color, capsize=3, label=f"{kind} teacher")
+                for hollow in (False, True):
+                    xy = [(p, v) for p, v in zip(x, y) if (p < 0.5) == hollow]
+                    if xy:
+                        ax.plot(*zip(*xy), "o", color=color, mfc="white" if hollow else color)
+            ax.axhline(0, color="k", lw=0.5)
+            ax.set_xscale("log")
+            ax.set_title(f"{'held-out' if s == 'heldout' else 'out-of-domain mean'}, vs {ref}-matched baseline",
+                         fontsize=10)
+            ax.set_ylabel("PPL change % (alpha 0.2; < 0: KD helps)")
+            if i == 1:
+                ax.set_xlabel("student tokens per parameter (hollow: the mini grid's student)")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
