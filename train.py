@@ -33,7 +33,7 @@ if not torch.cuda.is_available():  # say so up front instead of DeepSpeed's acce
 import torch.distributed as dist
 
 import plugins
-from distillery import checkpoint, maskprobe, resume, runlog, shards
+from distillery import checkpoint, maskprobe, provenance, resume, runlog, shards
 from distillery.config import Config, load_config, save_config, to_dict
 from distillery.engines import batch_layout, init_student, load_ds_config, student_ds_config
 from distillery.errors import ConfigError, DataError, Preempted, TrainingError, cli  # noqa: F401  (TrainingError: tests)
@@ -407,6 +407,7 @@ def main(argv=None):
         if rank == 0:  # only once the checkpoint (if any) is loaded: a refused resume leaves config.yaml as it was
             save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"), header=plan.placement)
             resume.record(cfg, changes, run.ctx.start_step)
+            provenance.record_start(cfg.run_dir, run.ctx.start_step, world)
         try:
             finish(run, train(run))
         except BaseException as e:  # the callbacks hear of it (flush, close), then it propagates unchanged

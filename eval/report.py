@@ -47,7 +47,7 @@ import sys
 
 import yaml
 
-from distillery import flops, runlog
+from distillery import flops, provenance, runlog
 from distillery.atomic import atomic_path, read_jsonl, write_text
 from distillery.config import PAIR_KEYS
 from distillery.errors import ConfigError, EvalError, cli
@@ -205,6 +205,7 @@ def load_run(run_dir):
             "compute_match": cm, "ppl": ppl, "source": source, "eval": ev, "finished": done, "finished_how": how,
             "entropy": None if ent is None else float(ent["entropy/student"]),
             "text_entropy": text_entropy(run_dir),
+            "starts": provenance.starts(run_dir),
             "flops": _float(comp.get("compute/total_flops")),
             "run_flops": _float(comp.get("compute/run_flops", comp.get("compute/total_flops")))}
 
@@ -346,6 +347,34 @@ def pair_runs(runs, by=()):
     return groups, token_ref, compute_ref, notes
 
 
+def code_note(runs):
+    """One line on the code that trained the runs (distillery/provenance.py's starts.jsonl): the commits and how many
+    runs each, runs that crossed a commit or ran on a modified tree, runs from before the record. None if all
+    runs have no record."""
+    by_commit, crossed, dirty, unknown = {}, [], [], []
+    for r in runs:
+        commits = {s.get("commit") for s in r.get("starts") or []}
+        if not commits or commits == {None}:
+            unknown.append(r["dir"])
+            continue
+        for c in commits - {None}:
+            by_commit[c[:12]] = by_commit.get(c[:12], 0) + 1
+        if len(commits) > 1:
+            crossed.append(r["dir"])
+        if any(s.get("dirty") for s in r["starts"]):
+            dirty.append(r["dir"])
+    if not by_commit:
+        return None
+    parts = [f"code: commit {', '.join(f'{c} ({n} run' + 's' * (n != 1) + ')' for c, n in sorted(by_commit.items()))}"]
+    if crossed:
+        parts.append(f"resumed on other code: {', '.join(crossed)}")
+    if dirty:
+        parts.append(f"trained with uncommitted changes: {', '.join(dirty)}")
+    if unknown:
+        parts.append(f"no record (runs from before starts.jsonl): {len(unknown)}")
+    return "; ".join(parts)
+
+
 # ---------------------------------------------------------------------------- numbers
 def summarize(runs, in_domain="heldout", by=(), teacher_roots=()):
     """Everything the report shows, as plain data."""
@@ -362,6 +391,9 @@ def summarize(runs, in_domain="heldout", by=(), teacher_roots=()):
         notes.append(f"no {runlog.FINISHED} (runs from before the marker), taken as finished because metrics.jsonl "
                      f"reaches the schedule's last step: {', '.join(legacy)}")
     runs = [r for r in runs if r["ppl"]]
+    code = code_note(runs)
+    if code:
+        notes.append(code)
     left = "".join(f" [{n}]" for n in notes if "left out" in n)  # what was skipped, in the one error line
     if not any(r["role"] == "distilled" for r in runs):
         raise EvalError(f"no distilled run (alpha > 0) with an evaluation among {len(runs)} evaluated runs; "

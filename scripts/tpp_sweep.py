@@ -42,7 +42,7 @@ REGIMES = {"r1": 1, "r3": 3, "r10": 10}     # tokens per parameter
 WEAK_GAP, WEAK_TOL = 0.17, 0.03             # nats of held-out loss above the regime's seed-43 baseline
 ALPHAS = (0.2, 0.5)
 SEEDS = (43, 44)
-CONTROLLER_REGIMES = ("r3",)
+CONTROLLER_REGIMES = ("r3", "r10")
 CONTROLLER = ["alpha=0.5", "alpha_controller=gap"]  # the gap controller's defaults: every 10, scale 0.5, ema 0.5
 STUDENT_CFG, TEACHER_CFG = "configs/mini/student.yaml", "configs/mini/teacher.yaml"
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distillery import provenance
 from conftest import BASE as BASE_ARGS, REPO, clean_env, read_metrics, run_inprocess, run_launcher
 from plugins import Callback, names, register
 
@@ -100,6 +101,7 @@ def test_resume_is_exact(kd_run, data_dir, teacher_dir, tmp_path):
     full, _ = read_metrics(kd_run)
     resumed, _ = read_metrics(tmp_path / "r")
     assert sorted(resumed) == list(range(1, 11))
+    assert [s["step"] for s in provenance.starts(tmp_path / "r")] == [0, 5]
     for s in range(1, 11):
         assert resumed[s]["loss/total"] == full[s]["loss/total"], s
     a = load_file(kd_run / "export" / "model.safetensors")
@@ -184,6 +186,9 @@ def test_run_dir_contents(kd_run):
     cfg = yaml.safe_load(open(kd_run / "config.yaml"))
     assert cfg["alpha"] == 0.4 and cfg["seq_len"] == 64
     assert (kd_run / "checkpoints" / "latest").read_text() == "step00000010"
+    (start,) = provenance.starts(kd_run)  # which code trained it: one record per start
+    assert start["step"] == 0 and start["world"] == 1 and start["torch"] == torch.__version__
+    assert (start["commit"], start["dirty"]) == provenance.code_version()
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(kd_run))
     m, _ = read_metrics(kd_run)
     for key in ("loss/total", "loss/ce", "loss/kd", "alpha", "lr", "grad_norm", "tokens/seen", "perf/tokens_per_s",
