@@ -436,6 +436,8 @@ if rank == 0:
 dist.barrier()
 sys.stdout.write(f"rank {{rank}} then {{checkpoint.find_resume(cfg)[1]}}\\n")
 sys.stdout.flush()
+from distillery.launch import shutdown
+shutdown()  # leave the gloo group: exiting with it live can abort in C++ teardown after the work is done
 """
 
 

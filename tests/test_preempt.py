@@ -66,7 +66,8 @@ try:
     train.preempt(run, 4)
 except train.Preempted as e:
     print("rank", rank, "saved", saved, "|", e, flush=True)
-dist.barrier()
+from distillery.launch import shutdown
+shutdown()  # leave the gloo group: exiting with it live can abort in C++ teardown after the work is done
 """
 
 
