@@ -5,6 +5,7 @@ so the record is per start, not per run: a result can always be traced to the co
 report can tell a run that crossed a code change. Costs two `git` calls (~10 ms) on rank 0 at start.
 
     {"time": "...", "step": 0, "world": 8, "commit": "<40 hex>" | null, "dirty": false | true | null,
+     "modified": [the tracked files with uncommitted changes, at most 50],
      "python": "3.11.9", "torch": "...", "deepspeed": "...", "transformers": "...", "host": "...",
      "argv": ["train.py", ...]}
 
@@ -20,6 +21,7 @@ import time
 from distillery import atomic
 
 FILE = "starts.jsonl"
+MAX_LISTED = 50                       # modified files listed per record (a tree with more is listed in part)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))        # the checkout holding distillery/
 
 
@@ -28,16 +30,22 @@ def _git(*args, root=ROOT):
         p = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return p.stdout.strip() if p.returncode == 0 else None
+    return p.stdout if p.returncode == 0 else None     # not stripped: porcelain lines start with a space
+
+
+def modified_files(root=ROOT):
+    """Tracked files with uncommitted changes at root ([] if none; None outside a git checkout)."""
+    status = _git("status", "--porcelain", "--untracked-files=no", root=root)
+    return None if status is None else [line[3:] for line in status.splitlines() if line.strip()]
 
 
 def code_version(root=ROOT):
     """(commit, dirty) of the checkout at root; (None, None) when it is not a git checkout or git is missing."""
-    commit = _git("rev-parse", "HEAD", root=root)
+    commit = (_git("rev-parse", "HEAD", root=root) or "").strip()
     if not commit:
         return None, None
-    status = _git("status", "--porcelain", "--untracked-files=no", root=root)
-    return commit, (None if status is None else bool(status))
+    modified = modified_files(root)
+    return commit, (None if modified is None else bool(modified))
 
 
 def versions():
@@ -52,8 +60,10 @@ def versions():
 def record_start(run_dir, step, world, argv=None):
     """Append this start's record to <run_dir>/starts.jsonl (rank 0, after the config is written)."""
     commit, dirty = code_version()
+    modified = modified_files() if dirty else []
     rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": int(step), "world": int(world),
-           "commit": commit, "dirty": dirty, **versions(), "host": platform.node(),
+           "commit": commit, "dirty": dirty, "modified": (modified or [])[:MAX_LISTED], **versions(),
+           "host": platform.node(),
            "argv": list(sys.argv if argv is None else argv)}
     atomic.append_jsonl(os.path.join(run_dir, FILE), rec)
     return rec

@@ -225,9 +225,72 @@ def summarize(out):
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "summary.json"), {"regimes": regimes, "rows": rows})
     write_text(os.path.join(out, "summary.md"), markdown(regimes, rows))
+    ctrl = controller_table(regimes)
+    write_json(os.path.join(out, "controller.json"), ctrl)
+    write_text(os.path.join(out, "summary.md"), markdown(regimes, rows) + controller_markdown(ctrl))
     plot(rows, os.path.join(out, "gain_vs_tpp.png"))
     plot_controller(os.path.join(out, "controller_alpha.png"))
     return rows
+
+
+def _ood_change(a, b):
+    """PPL change % of run a against run b, mean over the out-of-domain sets (negative: a is better)."""
+    sets = sorted(k for k in a["ppl"] if k != "heldout")
+    return sum((a["ppl"][k] / b["ppl"][k] - 1) * 100 for k in sets) / len(sets)
+
+
+def _mean_se(xs):
+    n = len(xs)
+    m = sum(xs) / n
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n) if n > 1 else float("nan")), n
+
+
+def controller_table(regimes):
+    """Per teacher given the gap controller: its OOD-mean PPL change against alpha = 0 (the token-matched baseline)
+    and against the teacher's best fixed alpha (lowest mean OOD change vs alpha = 0, known only after the fact),
+    each paired by seed (mean ± s.e.), with the issue's two tests: within one s.e. of the best fixed alpha (or
+    better), and not worse than alpha = 0 beyond noise (mean - 2 s.e. <= 0)."""
+    from eval import report
+    out = []
+    for regime in regimes:
+        runs = [report.load_run(d) for d in regime_runs(regime)]
+        runs = [r for r in runs if r["ppl"] and r["role"] in ("distilled", "token")]
+        base = {r["seed"]: r for r in runs if r["role"] == "token"}
+        by = {}
+        for r in runs:
+            if r["role"] == "distilled":
+                key = "gap" if r["cfg"].get("alpha_controller") else r["alpha"]
+                by.setdefault(kind_of(r["teacher"], regime), {}).setdefault(key, {})[r["seed"]] = r
+        for teacher, arms in sorted(by.items()):
+            if "gap" not in arms:
+                continue
+            seeds = sorted(set(arms["gap"]) & set(base))
+            fixed = {a: _mean_se([_ood_change(arms[a][s], base[s]) for s in seeds if s in arms[a]])
+                     for a in arms if a != "gap"}
+            best = min(fixed, key=lambda a: fixed[a][0])
+            pair = [s for s in seeds if s in arms[best]]
+            vs0 = _mean_se([_ood_change(arms["gap"][s], base[s]) for s in seeds])
+            vsb = _mean_se([_ood_change(arms["gap"][s], arms[best][s]) for s in pair])
+            out.append({"regime": regime, "teacher": teacher, "seeds": seeds, "best_alpha": best,
+                        "best_vs_alpha0": fixed[best][:2], "gap_vs_alpha0": vs0[:2], "gap_vs_best": vsb[:2],
+                        "within_1se_of_best": bool(vsb[0] <= 0 or vsb[0] <= vsb[1]),
+                        "not_worse_than_alpha0": bool(vs0[0] - 2 * vs0[1] <= 0)})
+    return out
+
+
+def controller_markdown(rows):
+    if not rows:
+        return ""
+    lines = ["", "The gap controller (ceiling 0.5) against each teacher's best fixed alpha (chosen after the fact) and "
+             "alpha = 0: OOD-mean PPL change %, paired by seed, mean ± s.e.:", "",
+             "| regime | teacher | seeds | best fixed alpha: vs alpha = 0 | controller: vs alpha = 0 | "
+             "controller vs best fixed | within 1 s.e. of best | not worse than alpha = 0 (2 s.e.) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['regime']} | {r['teacher']} | {len(r['seeds'])} | {r['best_alpha']}: "
+                     f"{_pm(*r['best_vs_alpha0'])} | {_pm(*r['gap_vs_alpha0'])} | {_pm(*r['gap_vs_best'])} | "
+                     f"{'yes' if r['within_1se_of_best'] else 'no'} | {'yes' if r['not_worse_than_alpha0'] else 'no'} |")
+    return "\n".join(lines) + "\n"
 
 
 def controller_runs():
@@ -253,20 +316,22 @@ def plot_controller(path):
     runs = controller_runs()
     if not runs:
         return
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (label, d) in enumerate(runs.items()):
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    teachers = list(dict.fromkeys(label.rsplit("-s", 1)[0] for label in runs))              # one colour each
+    for label, d in runs.items():
         recs = [r for r in read_jsonl(os.path.join(d, "metrics.jsonl")) if "alpha" in r]
         last = recs[-1]["step"]
         x = [r["step"] / last for r in recs]
-        style = dict(color=f"C{i // 2}", ls="-" if label.endswith("s43") else ":")
-        ax.plot(x, [r["alpha"] for r in recs], label=label, **style)
+        teacher, seed = label.rsplit("-s", 1)
+        style = dict(color=f"C{teachers.index(teacher)}", ls={"43": "-", "44": ":"}.get(seed, "--"))
+        ax.plot(x, [r["alpha"] for r in recs], label=teacher if seed == "43" else None, **style)
         bx.plot(x, [r.get("alpha/gap", float("nan")) for r in recs], **style)
     ax.set_xlabel("fraction of the run")
     ax.set_ylabel("alpha chosen (ceiling 0.5)")
     bx.set_xlabel("fraction of the run")
     bx.set_ylabel("gap = student CE - teacher CE (nats, EMA)")
     bx.axhline(0, color="k", lw=0.5)
-    ax.legend(fontsize=7)
+    ax.legend(title="teacher (seed 43 solid, 44 dotted, 45 dashed)", fontsize=7, title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

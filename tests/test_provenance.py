@@ -29,6 +29,7 @@ def test_code_version_commit_and_dirty(tmp_path):
     assert provenance.code_version(str(tmp_path))[1] is False
     (tmp_path / "a.py").write_text("x = 2\n")
     assert provenance.code_version(str(tmp_path)) == (head.strip(), True)
+    assert provenance.modified_files(str(tmp_path)) == ["a.py"]
 
 
 def test_record_start_appends_one_record_per_start(tmp_path):
