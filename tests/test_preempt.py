@@ -65,7 +65,8 @@ run = types.SimpleNamespace(plan=types.SimpleNamespace(cfg=types.SimpleNamespace
 try:
     train.preempt(run, 4)
 except train.Preempted as e:
-    print("rank", rank, "saved", saved, "|", e, flush=True)
+    sys.stdout.write(f"rank {{rank}} saved {{saved}} | {{e}}\\n")  # one write: the ranks share the pipe (print interleaves)
+    sys.stdout.flush()
 from distillery.launch import shutdown
 shutdown()  # leave the gloo group: exiting with it live can abort in C++ teardown after the work is done
 """
