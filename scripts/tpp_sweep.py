@@ -201,7 +201,7 @@ def teacher_gaps(regime):
 def summarize(out):
     """Per regime: an eval.report (by alpha_controller), then one table over regimes and the plots."""
     from eval import report
-    rows = []
+    rows, controller = [], []
     regimes = {"r0.17": {"tpp": 400_000 / 2_410_176, "student": "tiny-student", "params": 2_410_176,
                          "tokens": 400_000}}
     regimes.update({r: {"tpp": tokens(r) / PARAMS, "student": STUDENT, "params": PARAMS, "tokens": tokens(r)}
@@ -212,6 +212,7 @@ def summarize(out):
             continue
         summ = report.build_report(dirs, os.path.join(out, regime), by=("alpha_controller",))
         info["gaps"] = teacher_gaps(regime)
+        controller += controller_rows(regime, summ)
         ent = {e["group"]: e for e in summ["entropy"]}
         for r in summ["rows"]:
             if r["eval_set"] not in ("heldout", report.OOD):
@@ -224,10 +225,8 @@ def summarize(out):
                          "entropy_se": ent.get(r["group"], {}).get("entropy_change_se")})
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "summary.json"), {"regimes": regimes, "rows": rows})
-    write_text(os.path.join(out, "summary.md"), markdown(regimes, rows))
-    ctrl = controller_table(regimes)
-    write_json(os.path.join(out, "controller.json"), ctrl)
-    write_text(os.path.join(out, "summary.md"), markdown(regimes, rows) + controller_markdown(ctrl))
+    write_json(os.path.join(out, "controller.json"), controller)
+    write_text(os.path.join(out, "summary.md"), markdown(regimes, rows) + controller_markdown(controller))
     plot(rows, os.path.join(out, "gain_vs_tpp.png"))
     plot_controller(os.path.join(out, "controller_alpha.png"))
     return rows
@@ -239,42 +238,32 @@ def _ood_change(a, b):
     return sum((a["ppl"][k] / b["ppl"][k] - 1) * 100 for k in sets) / len(sets)
 
 
-def _mean_se(xs):
-    n = len(xs)
-    m = sum(xs) / n
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n) if n > 1 else float("nan")), n
-
-
-def controller_table(regimes):
-    """Per teacher given the gap controller: its OOD-mean PPL change against alpha = 0 (the token-matched baseline)
-    and against the teacher's best fixed alpha (lowest mean OOD change vs alpha = 0, known only after the fact),
-    each paired by seed (mean ± s.e.), with the issue's two tests: within one s.e. of the best fixed alpha (or
-    better), and not worse than alpha = 0 beyond noise (mean - 2 s.e. <= 0)."""
-    from eval import report
+def controller_rows(regime, summ):
+    """Per teacher given the gap controller, from a regime's eval.report summary (its runs and its token-matched
+    pairing): the controller's OOD-mean PPL change against alpha = 0 and against the teacher's best fixed alpha
+    (lowest mean OOD change vs alpha = 0, known only after the fact), each paired by seed (mean ± s.e.), with the
+    issue's two tests: within one s.e. of the best fixed alpha (or better), and not worse than alpha = 0 beyond noise
+    (mean - 2 s.e. <= 0)."""
+    from eval.report import mean_se
+    base, by = summ["token_ref"], {}
+    for r in summ["runs"]:
+        if r["role"] == "distilled" and r["dir"] in base:
+            key = "gap" if r["cfg"].get("alpha_controller") else r["alpha"]
+            by.setdefault(kind_of(r["teacher"], regime), {}).setdefault(key, {})[r["seed"]] = r
     out = []
-    for regime in regimes:
-        runs = [report.load_run(d) for d in regime_runs(regime)]
-        runs = [r for r in runs if r["ppl"] and r["role"] in ("distilled", "token")]
-        base = {r["seed"]: r for r in runs if r["role"] == "token"}
-        by = {}
-        for r in runs:
-            if r["role"] == "distilled":
-                key = "gap" if r["cfg"].get("alpha_controller") else r["alpha"]
-                by.setdefault(kind_of(r["teacher"], regime), {}).setdefault(key, {})[r["seed"]] = r
-        for teacher, arms in sorted(by.items()):
-            if "gap" not in arms:
-                continue
-            seeds = sorted(set(arms["gap"]) & set(base))
-            fixed = {a: _mean_se([_ood_change(arms[a][s], base[s]) for s in seeds if s in arms[a]])
-                     for a in arms if a != "gap"}
-            best = min(fixed, key=lambda a: fixed[a][0])
-            pair = [s for s in seeds if s in arms[best]]
-            vs0 = _mean_se([_ood_change(arms["gap"][s], base[s]) for s in seeds])
-            vsb = _mean_se([_ood_change(arms["gap"][s], arms[best][s]) for s in pair])
-            out.append({"regime": regime, "teacher": teacher, "seeds": seeds, "best_alpha": best,
-                        "best_vs_alpha0": fixed[best][:2], "gap_vs_alpha0": vs0[:2], "gap_vs_best": vsb[:2],
-                        "within_1se_of_best": bool(vsb[0] <= 0 or vsb[0] <= vsb[1]),
-                        "not_worse_than_alpha0": bool(vs0[0] - 2 * vs0[1] <= 0)})
+    for teacher, arms in sorted(by.items()):
+        if "gap" not in arms:
+            continue
+        seeds = sorted(arms["gap"])
+        fixed = {a: mean_se([_ood_change(r, base[r["dir"]]) for r in runs.values()])
+                 for a, runs in arms.items() if a != "gap"}
+        best = min(fixed, key=lambda a: fixed[a][0])
+        vs0 = mean_se([_ood_change(arms["gap"][s], base[arms["gap"][s]["dir"]]) for s in seeds])
+        vsb = mean_se([_ood_change(arms["gap"][s], arms[best][s]) for s in seeds if s in arms[best]])
+        out.append({"regime": regime, "teacher": teacher, "seeds": seeds, "best_alpha": best,
+                    "best_vs_alpha0": fixed[best], "gap_vs_alpha0": vs0, "gap_vs_best": vsb,
+                    "within_1se_of_best": bool(vsb[0] <= 0 or vsb[0] <= vsb[1]),
+                    "not_worse_than_alpha0": bool(vs0[0] - 2 * vs0[1] <= 0)})
     return out
 
 
