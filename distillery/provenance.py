@@ -39,12 +39,16 @@ def modified_files(root=ROOT):
     return None if status is None else [line[3:] for line in status.splitlines() if line.strip()]
 
 
+def _state(root):
+    """(commit, modified files) of the checkout at root; (None, None) when it is not a git checkout or git is
+    missing. The two git calls of a start record."""
+    commit = (_git("rev-parse", "HEAD", root=root) or "").strip()
+    return (commit, modified_files(root)) if commit else (None, None)
+
+
 def code_version(root=ROOT):
     """(commit, dirty) of the checkout at root; (None, None) when it is not a git checkout or git is missing."""
-    commit = (_git("rev-parse", "HEAD", root=root) or "").strip()
-    if not commit:
-        return None, None
-    modified = modified_files(root)
+    commit, modified = _state(root)
     return commit, (None if modified is None else bool(modified))
 
 
@@ -59,11 +63,10 @@ def versions():
 
 def record_start(run_dir, step, world, argv=None):
     """Append this start's record to <run_dir>/starts.jsonl (rank 0, after the config is written)."""
-    commit, dirty = code_version()
-    modified = modified_files() if dirty else []
+    commit, modified = _state(ROOT)
     rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": int(step), "world": int(world),
-           "commit": commit, "dirty": dirty, "modified": (modified or [])[:MAX_LISTED], **versions(),
-           "host": platform.node(),
+           "commit": commit, "dirty": None if modified is None else bool(modified),
+           "modified": (modified or [])[:MAX_LISTED], **versions(), "host": platform.node(),
            "argv": list(sys.argv if argv is None else argv)}
     atomic.append_jsonl(os.path.join(run_dir, FILE), rec)
     return rec
