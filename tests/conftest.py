@@ -88,17 +88,3 @@ def small_fs(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def fill(fs, leave=0):
-    """Fill the filesystem `fs` up to `leave` free bytes with a file named filler; returns its path."""
-    import shutil
-    path = os.path.join(fs, "filler")
-    with open(path, "ab") as f:
-        while shutil.disk_usage(fs).free > leave:
-            try:
-                f.write(b"\0" * max(1, min(1 << 16, shutil.disk_usage(fs).free - leave)))
-                f.flush()
-            except OSError:
-                break
-    return path

@@ -7,6 +7,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
+def fill(fs, leave=0):
+    """Fill the filesystem `fs` up to `leave` free bytes with a file named filler (appended to if it exists); returns
+    its path. Used on a real tiny tmpfs by the full-disk tests (conftest.small_fs) and bench/faults.py."""
+    import shutil
+    path = os.path.join(fs, "filler")
+    with open(path, "ab") as f:
+        while shutil.disk_usage(fs).free > leave:
+            try:
+                f.write(b"\0" * max(1, min(1 << 20, shutil.disk_usage(fs).free - leave)))
+                f.flush()
+            except OSError:
+                break
+    return path
+
+
 EOS = "<|endoftext|>"
 
 SAMPLE_TEXT = (

@@ -281,7 +281,7 @@ def test_real_full_disk_is_one_line_and_leaves_no_partial_checkpoint(engine, sma
     """Issue 24 (1): on a real full filesystem torch's zip writer fails with a RuntimeError ("unexpected pos"), not
     an OSError. The first save (nothing to estimate its size from) fails inside DeepSpeed's save; a later one is
     refused before writing anything (less free space than the last checkpoint took)."""
-    from conftest import fill
+    from harness import fill
     cfg = types.SimpleNamespace(run_dir=str(small_fs / "run"), resume="auto", save_interval=1)
     os.makedirs(checkpoint.ckpt_dir(cfg))
     filler = fill(small_fs)

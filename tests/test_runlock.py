@@ -123,7 +123,7 @@ def test_release_never_removes_someone_elses_lock(tmp_path):
 def test_full_disk_is_one_line_and_leaves_nothing(small_fs):
     """Issue 24 (1): on a full filesystem the lock cannot be written: a one-line error naming the fix, not an
     ENOSPC traceback, and no temporary lock file left behind."""
-    from conftest import fill
+    from harness import fill
     from distillery.errors import TrainingError
     d = small_fs / "run"
     d.mkdir()
