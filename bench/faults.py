@@ -37,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from tests.harness import fill  # noqa: E402  (the full-disk tests' filler, shared)
 
 PY = sys.executable
 STEPS, SAVE, KEEP = 16, 4, 3          # optimizer steps of the reference run, checkpoint interval, keep_last
@@ -297,6 +298,15 @@ def ckpt_file(run_dir, step, kind):
 
 
 # ---------------------------------------------------------------------------- one-line messages
+def reached(o, p, pattern, shown):
+    """Wait for a line matching pattern (`shown` in the problem if it never comes); on a miss the job is killed.
+    -> whether it came: the one way a scenario waits for the moment it acts on."""
+    if o.check(p.wait_line(pattern), f"no `{shown}` line: {p.tail()!r}"):
+        return True
+    p.kill_group()
+    return False
+
+
 def one_line(o, p, prefix, needle=None, rc=EXIT_ERROR):
     """The process exited with rc and printed exactly one `prefix` line (containing needle), no traceback."""
     o.check(p.rc == rc, f"exit status {p.rc}, want {rc}: {p.tail(600)!r}")
@@ -450,8 +460,7 @@ def _preempt(env, o, ranks, send, label):
     out = env.fresh(label)
     run_dir = str(out / "r")
     p = env.start(out, ranks=ranks)
-    if not o.check(p.wait_line(r"^step\s+3/"), f"no `step 3/` line: {p.tail()!r}"):
-        p.kill_group()
+    if not reached(o, p, r"^step\s+3/", "step 3/"):
         return
     send(p)
     p.rc = p.wait()
@@ -487,8 +496,7 @@ def preempt_runner_killed(env, o):
     out = env.fresh("runner-killed")
     run_dir = str(out / "r")
     p = env.start(out, ranks=2)
-    if not o.check(p.wait_line(r"^step\s+3/"), f"no `step 3/` line: {p.tail()!r}"):
-        p.kill_group()
+    if not reached(o, p, r"^step\s+3/", "step 3/"):
         return
     tree = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
     ranks = rank_pids(p.pid)
@@ -574,8 +582,7 @@ def lock_stale_after_kill(env, o):
     out = env.fresh("stale-lock")
     run_dir = str(out / "r")
     p = env.start(out)
-    if not o.check(p.wait_line(r"^step\s+6/"), f"no `step 6/` line: {p.tail()!r}"):
-        p.kill_group()
+    if not reached(o, p, r"^step\s+6/", "step 6/"):
         return
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
@@ -1134,7 +1141,7 @@ def disk_full_real(env, o):
         ck = sum(os.path.getsize(os.path.join(d16, f)) for f in os.listdir(d16))
         run_dir, filler = str(fs / "r"), fs / "filler"
         # A0: less than one checkpoint of space: the first save (no earlier one to size it by) fails in torch's writer
-        _fill(fs, ck // 2)
+        fill(fs, ck // 2)
         p = env.train(fs)
         one_line(o, p, "error:", r"checkpoint step00000004 not saved: no space left on \S+checkpoints \(\d+ bytes "
                                  r"free; the write failed with: .*\); free space or move out_dir")
@@ -1152,7 +1159,7 @@ def disk_full_real(env, o):
         o.check(not _tmp_leftovers(run_dir), f"partial files left: {_tmp_leftovers(run_dir)}")
         done = max(train_steps(run_dir) or [0])
         # B: the disk completely full: the rerun is refused at the run lock, nothing changed
-        _fill(fs, 0)
+        fill(fs, 0)
         before = snapshot(run_dir)
         p = env.train(fs, "resume=auto")
         b = Outcome("B", "")
@@ -1166,17 +1173,6 @@ def disk_full_real(env, o):
         o.note(f"one checkpoint is {ck} bytes; then: {a.message}")
     finally:
         subprocess.run(["umount", "-l", str(fs)], capture_output=True)
-
-
-def _fill(fs, leave):
-    """Grow fs/filler until `leave` bytes are free on the filesystem fs."""
-    with open(Path(fs) / "filler", "ab") as f:
-        while shutil.disk_usage(fs).free > leave:
-            try:
-                f.write(b"\0" * max(1, min(1 << 20, shutil.disk_usage(fs).free - leave)))
-                f.flush()
-            except OSError:
-                break
 
 
 @scenario("diverge_verified_good", "lr=1e6, save_interval=2: step 2 is saved before the first skipped update (step "
@@ -1207,8 +1203,7 @@ def preempt_in_skipped_streak(env, o):
     out = env.fresh("preempt-streak")
     run_dir = str(out / "r")
     p = env.start(out, "lr=1e6", "save_interval=2", "max_bad_steps=4")
-    if not o.check(p.wait_line(r"^step\s+3/"), f"no `step 3/` line: {p.tail()!r}"):
-        p.kill_group()
+    if not reached(o, p, r"^step\s+3/", "step 3/"):
         return
     os.kill(p.pid, signal.SIGTERM)
     p.rc = p.wait()
@@ -1235,8 +1230,7 @@ def preempt_stale_latest(env, o):
             _c.read_latest = lambda d: None
         """)
     p = Proc(script_cmd(script, env.args(out), ranks=2))
-    if not o.check(p.wait_line(r"^step\s+4/"), f"no `step 4/` line: {p.tail()!r}"):
-        p.kill_group()
+    if not reached(o, p, r"^step\s+4/", "step 4/"):
         return
     os.kill(rank_pids(p.pid)[0], signal.SIGTERM)
     p.rc = p.wait()
@@ -1311,8 +1305,7 @@ def preempt_startup(env, o):
     script = patched_train(out, slowed("distillery.shards", "check_token_ids", "checking data", 3) +
                            slowed("distillery.shards", "verify_split", "checking data", 3))
     q = Proc(script_cmd(script, env.args(out)))
-    if not o.check(q.wait_line(r"^checking data"), f"no `checking data` line: {q.tail()!r}"):
-        q.kill_group()
+    if not reached(o, q, r"^checking data", "checking data"):
         return
     o.check(os.path.isfile(os.path.join(run_dir, ".lock")), "no lock held during the data checks")
     os.kill(q.pid, signal.SIGTERM)
@@ -1336,8 +1329,7 @@ def preempt_second_sigterm(env, o):
     run_dir = str(out / "r")
     script = patched_train(out, slowed("distillery.runlock:RunLock", "release", "releasing the lock", 2))
     p = Proc(script_cmd(script, env.args(out)))
-    if not o.check(p.wait_line(r"^step\s+3/"), f"no `step 3/` line: {p.tail()!r}"):
-        p.kill_group()
+    if not reached(o, p, r"^step\s+3/", "step 3/"):
         return
     os.kill(p.pid, signal.SIGTERM)
     if o.check(p.wait_line(r"^releasing the lock"), f"no `releasing the lock` line: {p.tail()!r}"):
@@ -1356,8 +1348,7 @@ def preempt_sigterm_group(env, o):
     out = env.fresh("sigterm-group")
     run_dir = str(out / "r")
     p = env.start(out, ranks=2)
-    if not o.check(p.wait_line(r"^step\s+3/"), f"no `step 3/` line: {p.tail()!r}"):
-        p.kill_group()
+    if not reached(o, p, r"^step\s+3/", "step 3/"):
         return
     os.killpg(p.pid, signal.SIGTERM)
     p.rc = p.wait()
@@ -1380,8 +1371,7 @@ def _end_phase(env, o, label, patch, line, needle, max_latency):
     run_dir = str(out / "r")
     script = patched_train(out, patch)
     p = Proc(script_cmd(script, env.args(out, "callbacks=[progress,eval_final]")))
-    if not o.check(p.wait_line(rf"^{line}"), f"no `{line}` line: {p.tail()!r}"):
-        p.kill_group()
+    if not reached(o, p, rf"^{line}", line):
         return None
     os.kill(p.pid, signal.SIGTERM)
     t0 = time.time()
